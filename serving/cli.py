@@ -1,0 +1,251 @@
+"""The ``ragtune`` command.
+
+User errors (a missing collection, a bad config key, an unreadable file) print one line on stderr
+and exit 1, never a traceback. Indexing exits 3 when some files failed (the rest is indexed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+
+app = typer.Typer(
+    name="ragtune",
+    help="Turn a folder of documents into a domain assistant (RAG, LoRA fine-tuning, or both) and measure which wins.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+EXIT_USER_ERROR = 1
+EXIT_PARTIAL = 3
+
+HomeOption = typer.Option(None, "--home", help="workspace folder (default: $RAGTUNE_HOME or ~/.local/share/ragtune)")
+JsonOption = typer.Option(False, "--json", help="print machine-readable JSON")
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types whose message is meant for the user (each says how to fix it)."""
+    from rag.collection import CollectionError
+    from rag.config import ConfigError
+    from rag.documents import DocumentError
+    from rag.embeddings import EmbeddingModelError
+
+    errors: list[type[BaseException]] = [CollectionError, ConfigError, DocumentError, EmbeddingModelError]
+    try:
+        from tuning.errors import TuningError
+
+        errors.append(TuningError)
+    except ImportError:  # pragma: no cover - tuning is part of the distribution
+        pass
+    return tuple(errors)
+
+
+def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def workspace(home: Optional[str]):
+    from rag.collection import Workspace
+
+    return Workspace(home)
+
+
+def emit(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+@app.command("index")
+def index_cmd(
+    paths: List[Path] = typer.Argument(..., help="files and folders to index"),
+    collection: str = typer.Option(..., "--collection", "-c", help="collection name (created if missing)"),
+    sync: bool = typer.Option(False, "--sync", help="delete documents whose files are gone from the given folders"),
+    include: List[str] = typer.Option([], "--include", help="only files matching this glob (repeatable), e.g. '*.md'"),
+    exclude: List[str] = typer.Option([], "--exclude", help="skip files matching this glob (repeatable)"),
+    model: Optional[str] = typer.Option(None, "--model", help="embedding model for a new collection: 'default', a local folder or a hub id"),
+    index_type: Optional[str] = typer.Option(None, "--index-type", help="FAISS index for a new collection: flat (exact) or hnsw"),
+    chunk_tokens: Optional[int] = typer.Option(None, "--chunk-tokens", help="chunk size in tokens for a new collection (default 256)"),
+    as_json: bool = JsonOption,
+    home: Optional[str] = HomeOption,
+) -> None:
+    """Index files and folders (.txt .md .html .pdf .docx .jsonl) into a collection; re-runs only embed what changed.
+
+    Example: ragtune index corpora/corvida/docs --collection corvida --sync
+    """
+    from rag.collection import IndexConfig
+    from rag.config import build_config
+
+    ws = workspace(home)
+    values: dict[str, Any] = {}
+    if model:
+        values["embedding_model"] = model
+    if index_type:
+        values["index_type"] = index_type
+    if chunk_tokens:
+        values["chunk_tokens"] = chunk_tokens
+    config = build_config(IndexConfig, values, source="options") if values else None
+    report = ws.index(collection, paths, sync=sync, include=include, exclude=exclude, config=config,
+                      progress=not as_json and sys.stderr.isatty() or os.environ.get("RAGTUNE_PROGRESS") == "1")
+    if as_json:
+        emit(report.to_dict())
+    else:
+        typer.echo(f"{collection}: {report.added} added, {report.updated} updated, {report.unchanged} unchanged, "
+                   f"{report.deleted} deleted, {report.chunks} chunks embedded in {report.seconds:.1f}s "
+                   f"({report.total_documents} documents, {report.total_chunks} chunks in all)")
+        for item in report.failed:
+            typer.echo(f"failed: {item['path']}: {item['error']}", err=True)
+    if report.failed:
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+@app.command("search")
+def search_cmd(
+    query: str = typer.Argument(..., help="what to look for"),
+    collection: str = typer.Option(..., "--collection", "-c", help="collection to search"),
+    k: int = typer.Option(5, "-k", help="number of hits"),
+    mode: str = typer.Option("hybrid", "--mode", help="hybrid (dense + BM25 fused), dense or bm25"),
+    where: List[str] = typer.Option([], "--where", help="filter KEY=VALUE on chunk metadata (repeatable); doc=GLOB filters paths"),
+    as_json: bool = JsonOption,
+    home: Optional[str] = HomeOption,
+) -> None:
+    """Search a collection.
+
+    Example: ragtune search "How long is the HX warranty?" --collection corvida -k 3
+    """
+    try:
+        hits = workspace(home).get(collection).search(query, k=k, mode=mode, where=where)  # type: ignore[arg-type]
+    except ValueError as exc:
+        fail(str(exc))
+    if as_json:
+        emit([{"doc": h.doc, "chunk_id": h.chunk_id, "score": h.score, "text": h.text, "start": h.start,
+               "end": h.end, "metadata": h.metadata} for h in hits])
+        return
+    if not hits:
+        typer.echo("no hits")
+    for rank, h in enumerate(hits, start=1):
+        where_in = h.metadata.get("section") or (f"page {h.metadata['page']}" if "page" in h.metadata else "")
+        typer.echo(f"[{rank}] {h.doc} {h.start}-{h.end} {where_in}  score={h.score:.4f}")
+        typer.echo("    " + " ".join(h.text.split())[:300])
+
+
+@app.command("collections")
+def collections_cmd(as_json: bool = JsonOption, home: Optional[str] = HomeOption) -> None:
+    """List collections with their document and chunk counts.
+
+    Example: ragtune collections --json
+    """
+    rows = workspace(home).list()
+    if as_json:
+        emit(rows)
+        return
+    if not rows:
+        typer.echo("no collections yet; create one with: ragtune index PATH --collection NAME")
+    for r in rows:
+        typer.echo(f"{r['name']}: {r['documents']} documents, {r['chunks']} chunks, {r['embedding_model']} "
+                   f"({r['dimension']}-d, {r['index_type']})")
+
+
+@app.command("rm-docs")
+def rm_docs_cmd(
+    collection: str = typer.Argument(..., help="collection name"),
+    paths: List[str] = typer.Argument(..., help="document paths within the collection (as `search` shows them)"),
+    home: Optional[str] = HomeOption,
+) -> None:
+    """Delete documents from a collection (SQLite rows, FTS rows and FAISS vectors).
+
+    Example: ragtune rm-docs corvida policies/travel-policy-2021.md
+    """
+    n = workspace(home).get(collection).delete_documents(paths)
+    typer.echo(f"{collection}: {n} of {len(paths)} documents deleted")
+    if n < len(paths):
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+@app.command("drop")
+def drop_cmd(collection: str = typer.Argument(..., help="collection name"), home: Optional[str] = HomeOption) -> None:
+    """Delete a whole collection.
+
+    Example: ragtune drop scratch
+    """
+    workspace(home).drop(collection)
+    typer.echo(f"dropped {collection}")
+
+
+@app.command("reindex")
+def reindex_cmd(
+    collection: str = typer.Argument(..., help="collection name"),
+    model: Optional[str] = typer.Option(None, "--model", help="new embedding model: 'default', a local folder or a hub id"),
+    chunk_tokens: Optional[int] = typer.Option(None, "--chunk-tokens", help="new chunk size in tokens"),
+    as_json: bool = JsonOption,
+    home: Optional[str] = HomeOption,
+) -> None:
+    """Rebuild a collection from its stored documents (new model or chunking); swapped in only when complete.
+
+    Example: ragtune reindex corvida --model /models/bge-small-en
+    """
+    overrides = {"chunk_tokens": chunk_tokens} if chunk_tokens else {}
+    report = workspace(home).reindex(collection, model, progress=not as_json and sys.stderr.isatty(), **overrides)
+    if as_json:
+        emit(report.to_dict())
+    else:
+        typer.echo(f"{collection}: re-embedded {report.total_documents} documents into {report.total_chunks} chunks "
+                   f"in {report.seconds:.1f}s")
+
+
+def _register_plugins() -> None:
+    try:
+        from serving import tune_commands
+    except ImportError:
+        return
+    tune_commands.register(app)
+
+
+def _quiet_libraries() -> None:
+    """Keep library chatter (weight-loading bars, optional-kernel notices) off the user's terminal."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in ("bitsandbytes", "transformers", "sentence_transformers", "huggingface_hub", "faiss"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    _quiet_libraries()
+    _register_plugins()
+    errors = user_errors()
+    try:
+        code = app(args=argv, standalone_mode=False)
+    except errors as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_USER_ERROR)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, typer.Abort):
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()
