@@ -70,6 +70,10 @@ class TokenChunker:
             if start < 0:
                 raise ValueError(f"chunker produced text not found in {document.source}")
             end = start + len(piece)
-            chunks.append(Chunk(piece, start, end, len(chunks), document.metadata_at(start)))
+            meta = document.metadata_at(start)
+            last_page = document.metadata_at(end - 1).get("page")
+            if last_page is not None and last_page != meta.get("page"):
+                meta["page_end"] = last_page  # a chunk across a page break cites both pages
+            chunks.append(Chunk(piece, start, end, len(chunks), meta))
             cursor = start + 1
         return chunks
