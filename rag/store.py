@@ -82,11 +82,18 @@ MIGRATIONS: list[tuple[str, Migration]] = [
 ]
 
 
-def migrate(conn: sqlite3.Connection, migrations: list[tuple[str, Migration]] | None = None) -> list[int]:
-    """Apply the migrations not applied yet, each in its own transaction; returns their numbers."""
+def migrate(conn: sqlite3.Connection, migrations: list[tuple[str, Migration]] | None = None,
+            namespace: str = "rag") -> list[int]:
+    """Apply the migrations of ``namespace`` not applied yet, each in its own transaction.
+
+    Each layer keeps its own numbered list (``rag`` here; ``serving`` adds chats, feedback and
+    evaluation runs) so nothing below has to know the tables of the layers above it.
+    Returns the numbers applied now.
+    """
     migrations = MIGRATIONS if migrations is None else migrations
-    conn.execute("CREATE TABLE IF NOT EXISTS _migrations (id INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)")
-    done = {row[0] for row in conn.execute("SELECT id FROM _migrations")}
+    conn.execute("CREATE TABLE IF NOT EXISTS _migrations (namespace TEXT NOT NULL, id INTEGER NOT NULL, "
+                 "name TEXT NOT NULL, applied_at REAL NOT NULL, PRIMARY KEY (namespace, id))")
+    done = {row[0] for row in conn.execute("SELECT id FROM _migrations WHERE namespace = ?", (namespace,))}
     applied = []
     for number, (name, step) in enumerate(migrations, start=1):
         if number in done:
@@ -94,11 +101,12 @@ def migrate(conn: sqlite3.Connection, migrations: list[tuple[str, Migration]] | 
         conn.execute("BEGIN IMMEDIATE")
         try:
             # another process may have migrated while we waited for the write lock
-            if conn.execute("SELECT 1 FROM _migrations WHERE id = ?", (number,)).fetchone():
+            if conn.execute("SELECT 1 FROM _migrations WHERE namespace = ? AND id = ?", (namespace, number)).fetchone():
                 conn.execute("COMMIT")
                 continue
             step(conn)
-            conn.execute("INSERT INTO _migrations (id, name, applied_at) VALUES (?, ?, ?)", (number, name, time.time()))
+            conn.execute("INSERT INTO _migrations (namespace, id, name, applied_at) VALUES (?, ?, ?, ?)",
+                         (namespace, number, name, time.time()))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
