@@ -47,7 +47,7 @@ class TokenChunker:
         self.tokenizer = tokenizer
 
         def length(text: str) -> int:
-            return len(tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"])
+            return len(tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"])
 
         common = dict(chunk_size=chunk_tokens, chunk_overlap=overlap_tokens, length_function=length,
                       strip_whitespace=True)

@@ -75,7 +75,7 @@ class SentenceTransformerEmbedder:
         self._lock = threading.Lock()
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"])
+        return len(self.tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"])
 
     def embed_batch(self, texts: Sequence[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:
         """Like ``SentenceTransformer.encode``: sorted by length, order restored, normalised, no_grad."""
