@@ -37,14 +37,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from rag.documents import DocumentError
     from rag.embeddings import EmbeddingModelError
 
-    errors: list[type[BaseException]] = [CollectionError, ConfigError, DocumentError, EmbeddingModelError]
-    try:
-        from tuning.errors import TuningError
+    from serving.ab.importer import SquadImportError
+    from tuning.errors import TuningError
 
-        errors.append(TuningError)
-    except ImportError:  # pragma: no cover - tuning is part of the distribution
-        pass
-    return tuple(errors)
+    return (CollectionError, ConfigError, DocumentError, EmbeddingModelError, TuningError, SquadImportError)
 
 
 def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
@@ -200,11 +196,11 @@ def reindex_cmd(
 
 
 def _register_plugins() -> None:
-    try:
-        from serving import tune_commands
-    except ImportError:
-        return
+    from serving import tune_commands
+    from serving.ab import commands as ab_commands
+
     tune_commands.register(app)
+    ab_commands.register(app)
 
 
 def _quiet_libraries() -> None:
