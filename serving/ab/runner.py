@@ -1,0 +1,152 @@
+"""The offline A/B run: every question answered by every arm, scored, stored, resumable.
+
+    ragtune ab run --questions corpora/corvida/qa/test.jsonl --collection corvida --adapter corvida-raft
+
+Arms are the 2x2 of retrieval (off/on) x fine-tuning (off/on): ``base``, ``rag``, ``ft``, ``rag+ft``.
+All arms decode greedily with the same settings. Answers are cached (see :mod:`serving.ab.runs`), so a
+re-run computes only what is missing; an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from rag.config import ConfigError, field
+from serving.ab import metrics
+from serving.ab.runs import ABStore, cache_key
+
+ARMS = ("base", "rag", "ft", "rag+ft")
+HIT_DEPTH = 10  # retrieval depth stored for the hit@k curve
+
+
+@dataclass
+class ABConfig:
+    questions: str = field(help="question file: JSONL rows {id, question, answer, doc?, span?, kind?, choices?}")
+    collection: str | None = field(None, help="collection for the rag arms")
+    adapter: str | None = field(None, help="adapter for the ft arms")
+    arms: list[str] = field(default_factory=lambda: list(ARMS), help="arms to run: base, rag, ft, rag+ft")
+    limit: int = field(0, help="only the first N questions (0 = all)")
+    name: str = field("", help="run name ('' = derived from the question file, adapter and collection)")
+    k: int = field(4, help="chunks retrieved into the prompt in the rag arms")
+    max_new_tokens: int = field(64, help="answer length limit (short answers: the references are short)")
+
+    def __post_init__(self) -> None:
+        unknown = [a for a in self.arms if a not in ARMS]
+        if unknown:
+            raise ConfigError(f"unknown arm(s) {', '.join(unknown)}; use base, rag, ft, rag+ft")
+        if any(a in ("rag", "rag+ft") for a in self.arms) and not self.collection:
+            raise ConfigError("the rag arms need --collection (or drop them with --arms base,ft)")
+        if any(a in ("ft", "rag+ft") for a in self.arms) and not self.adapter:
+            raise ConfigError("the ft arms need --adapter (train one with `ragtune tune`, or use --arms base,rag)")
+        if not self.name:
+            stem = Path(self.questions).stem
+            self.name = "-".join(x for x in (stem, self.collection, self.adapter) if x)
+
+
+def load_questions(path: str | Path) -> list[dict[str, Any]]:
+    rows = []
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{path}: question file not found")
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}, row {n}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or not str(row.get("question", "")).strip() or "answer" not in row:
+            raise ConfigError(f'{path}, row {n}: needs "question" and "answer" (example: {{"id": "q1", "question": "...", "answer": "..."}})')
+        row.setdefault("id", f"row{n}")
+        rows.append(row)
+    if not rows:
+        raise ConfigError(f"{path}: no questions")
+    return rows
+
+
+_EVIDENCE = re.compile(r"\n\s*Evidence\b.*", re.DOTALL)
+_CITE = re.compile(r"\s*\[\d+(?:\s*[,;]\s*\d+)*\]")
+
+
+def answer_for_scoring(text: str) -> str:
+    """The answer itself: without the quoted evidence (RAFT-style outputs) and the [n] markers."""
+    return _CITE.sub("", _EVIDENCE.sub("", text)).strip()
+
+
+def prompt_hash(assistant: Any) -> str:
+    from serving import prompts
+
+    cfg = dataclasses.asdict(assistant.config)
+    parts = {"config": cfg, "system_rag": prompts.SYSTEM_RAG, "system_plain": prompts.SYSTEM_PLAIN}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def adapter_identity(assistant: Any, adapter: str | None) -> str | None:
+    if not adapter:
+        return None
+    checked = assistant.generator.check_adapter(adapter)
+    manifest = checked[1] if isinstance(checked, tuple) else {}
+    return f"{adapter}:{hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()[:16]}"
+
+
+def score(row: dict[str, Any], payload: dict[str, Any], arm: str) -> dict[str, Any]:
+    scores = metrics.score_answer(answer_for_scoring(payload["text"]), row)
+    if arm in ("rag", "rag+ft"):
+        deep = payload.get("deep_hits") or []
+        for k in (1, 4, HIT_DEPTH):
+            scores[f"hit_at_{k}"] = metrics.retrieval_hit(deep, row, k)
+        cited = [s for s in payload.get("sources", []) if s["n"] in payload.get("cited", [])]
+        scores["citation_correct"] = metrics.citation_correct(cited, row) if row.get("kind") != "unanswerable" else float(not cited)
+    scores["latency_s"] = payload.get("timings", {}).get("total_s", 0.0)
+    return scores
+
+
+def run_ab(assistant: Any, config: ABConfig, progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
+    """Answer every question with every arm (cached), store per-question scores; returns a summary."""
+    store = ABStore(assistant.workspace.db_path)
+    questions = load_questions(config.questions)
+    if config.limit:
+        questions = questions[:config.limit]
+    run_id = store.open_run(config.name, dataclasses.asdict(config))
+    col = assistant.workspace.get(config.collection) if config.collection else None
+    base_id = getattr(assistant.generator, "base_id", None)
+    adapter_id = adapter_identity(assistant, config.adapter) if any(a in ("ft", "rag+ft") for a in config.arms) else None
+    p_hash = prompt_hash(assistant)
+    computed = reused = 0
+    total = len(questions) * len(config.arms)
+    started = time.perf_counter()
+    for qi, row in enumerate(questions):
+        for ai, arm in enumerate(config.arms):
+            uses_rag, uses_ft = arm in ("rag", "rag+ft"), arm in ("ft", "rag+ft")
+            key = cache_key(question=row["question"], arm=arm, base=base_id, adapter=adapter_id if uses_ft else None,
+                            collection=(config.collection, col.version()) if uses_rag else None, prompt=p_hash,
+                            k=config.k if uses_rag else None, max_new_tokens=config.max_new_tokens)
+            payload = store.cached(key)
+            fresh = payload is None
+            if fresh:
+                answer = assistant.answer(row["question"], mode=arm, collection=config.collection if uses_rag else None,
+                                          adapter=config.adapter if uses_ft else None, k=config.k, log=False,
+                                          max_new_tokens=config.max_new_tokens)
+                payload = {"text": answer.text, "cited": answer.cited, "refused": answer.refused,
+                           "sources": [{"n": s.n, "doc": s.doc, "chunk_id": s.chunk_id, "text": s.text} for s in answer.sources],
+                           "timings": answer.timings}
+                if uses_rag:
+                    deep = col.search(answer.retrieval_query or row["question"], k=HIT_DEPTH, mode=assistant.config.search_mode)
+                    payload["deep_hits"] = [{"doc": h.doc, "chunk_id": h.chunk_id, "text": h.text} for h in deep]
+                computed += 1
+            else:
+                reused += 1
+            result_row = {**row, "scores": score(row, payload, arm)}
+            store.put(run_id, str(row["id"]), arm, key, payload if fresh else None, result_row)
+            if progress:
+                progress(qi * len(config.arms) + ai + 1, total, f"{row['id']} {arm}")
+    store.finish_run(run_id)
+    return {"run": config.name, "questions": len(questions), "arms": config.arms, "computed": computed,
+            "reused": reused, "seconds": round(time.perf_counter() - started, 1)}
