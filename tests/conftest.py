@@ -45,3 +45,132 @@ def small_docs(tmp_path) -> Path:
         "<p>The Lumo 2 controller costs 189 EUR.</p></body></html>", encoding="utf-8")
     (root / "faq.jsonl").write_text('{"text": "Support is open Saturday 09:00-13:00.", "topic": "support"}\n', encoding="utf-8")
     return root
+
+
+# --- tuning fixtures ---
+@pytest.fixture(scope="session")
+def tuning_home(tmp_path_factory) -> Path:
+    """A session workspace holding the packaged SmolLM2 converted once from its GGUF (~20 s)."""
+    from tuning.models import ensure_packaged_causal_lm
+
+    path = tmp_path_factory.mktemp("tuning-home")
+    ensure_packaged_causal_lm(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(tuning_home):
+    from tuning.models import load_tokenizer, resolve_base_model
+
+    return load_tokenizer(resolve_base_model("smollm2-135m-instruct", tuning_home))
+
+
+@pytest.fixture()
+def tune_home(tuning_home, tmp_path) -> Path:
+    """A fresh workspace per test that reuses the session's converted model (symlinked, read-only use)."""
+    path = tmp_path / "tune-home"
+    (path / "models").mkdir(parents=True)
+    for model in (tuning_home / "models").iterdir():
+        if not model.name.startswith("."):
+            (path / "models" / model.name).symlink_to(model, target_is_directory=True)
+    return path
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture()
+def tiny_sft_data(tmp_path) -> Path:
+    """Twelve short instruction rows (a few dozen tokens each)."""
+    rows = [{"instruction": f"What is the warranty on the HX-{n}?", "output": f"The HX-{n} has a {n}-year warranty."}
+            for n in range(2, 14)]
+    return write_jsonl(tmp_path / "data" / "tiny.jsonl", rows)
+
+
+# --- serving fixtures ---
+SERVING_DOCS = [  # a slice of the demo corpus: distinct topics so each question has its own sources
+    "company/press-release-2025-06-warranty-seven-years.html",
+    "policies/warranty-policy-v2-2021.md",
+    "service/sb-2023-07-hx14-minimum-flow.md",
+    "service/hx-error-codes.md",
+    "policies/travel-policy-2024.md",
+    "products/tessa-cylinder-manual.md",
+]
+# A document that tries to inject markup: the app must show it as text.
+MARKUP_DOC = ("# Markup test\n\nThe Vexa-7 gasket is replaced every 11 months. <b id=\"injected-bold\">INJECTED</b> "
+              "<script>window.__ragtune_injected = 1</script> <img src=x onerror=\"window.__ragtune_injected = 2\">\n")
+
+
+def make_test_adapter(home: Path, name: str, seed: int, base_id: str | None = None) -> Path:
+    """A small random LoRA adapter (not trained: tests need adapters that change the output, fast),
+    written in the registry format `ragtune tune` writes (peft files + ragtune.json)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from tuning.adapters import adapter_dir, write_manifest
+    from tuning.models import load_causal_lm, resolve_base_model, weights_hash
+
+    base = resolve_base_model("smollm2-135m-instruct", home)
+    model = load_causal_lm(base, for_training=False)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                  init_lora_weights=False, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for pname, param in peft_model.named_parameters():
+            if "lora_B" in pname:
+                param.mul_(0.5)
+    folder = adapter_dir(home, name)
+    peft_model.save_pretrained(folder, safe_serialization=True)
+    write_manifest(folder, {"format": 1, "name": name, "task": "sft", "method": "lora", "quant": "none",
+                            "base_model": {"id": base_id or base.id, "kind": "packaged", "sha256": None if base_id else weights_hash(base)},
+                            "created": f"2025-01-01T00:00:{seed:02d}+00:00", "metrics": {"train_loss": 1.0}})
+    return folder
+
+
+@pytest.fixture(scope="session")
+def serving_home(tuning_home, tmp_path_factory) -> Path:
+    """A workspace with the converted model (symlinked), collection 'corvida' (6 demo docs + a markup
+    test doc) and adapters 'alpha', 'beta' (random LoRA) and 'foreign' (manifest names another base)."""
+    import shutil
+
+    from rag.collection import Workspace
+
+    home = tmp_path_factory.mktemp("serving-home")
+    (home / "models").mkdir()
+    for model in (tuning_home / "models").iterdir():
+        if not model.name.startswith("."):
+            (home / "models" / model.name).symlink_to(model, target_is_directory=True)
+    docs = tmp_path_factory.mktemp("serving-docs")
+    for rel in SERVING_DOCS:
+        (docs / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(CORPORA / "corvida" / "docs" / rel, docs / rel)
+    (docs / "notes").mkdir()
+    (docs / "notes" / "markup-test.md").write_text(MARKUP_DOC, encoding="utf-8")
+    Workspace(home).index("corvida", [docs])
+    make_test_adapter(home, "alpha", 1)
+    make_test_adapter(home, "beta", 2)
+    make_test_adapter(home, "foreign", 3, base_id="HuggingFaceTB/SmolLM2-360M-Instruct")
+    return home
+
+
+@pytest.fixture(scope="session")
+def serving_generator(serving_home):
+    from serving.generation import LocalGenerator
+
+    return LocalGenerator("smollm2-135m-instruct", serving_home, quantize="int8")
+
+
+@pytest.fixture(scope="session")
+def serving_assistant(serving_home, serving_generator):
+    from rag.collection import Workspace
+    from serving.assistant import Assistant
+    from serving.config import ServeConfig
+    from serving.history import ChatStore
+
+    ws = Workspace(serving_home)
+    return Assistant(ws, serving_generator, ServeConfig(max_new_tokens=8, source_tokens=96), ChatStore(ws.db_path))

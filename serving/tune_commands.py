@@ -1,0 +1,176 @@
+"""Tuning commands for the ``ragtune`` CLI: tune, adapters (list / rm / merge), data raft, classify.
+
+``register(app)`` adds them to the lead's typer app in ``serving/cli.py``. Heavy imports happen inside
+the commands so ``ragtune --help`` stays fast. User-fixable problems raise ``tuning.errors.TuningError``
+(or ``rag.config.ConfigError``), which the CLI prints as one line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+_HOME = typer.Option(None, "--home", help="workspace folder (default: $RAGTUNE_HOME or ~/.local/share/ragtune)")
+
+
+def _emit(data) -> None:
+    typer.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+def tune_cmd(
+    config: Optional[Path] = typer.Argument(None, help="YAML config (see tuning/configs/); omit to use defaults + key=value"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. max_steps=20 learning_rate=1e-4"),
+    show_config: bool = typer.Option(False, "--show-config", help="print every config key with its help as YAML and exit"),
+    as_json: bool = typer.Option(False, "--json", help="print the adapter manifest as JSON when done"),
+    home: Optional[str] = _HOME,
+) -> None:
+    """Fine-tune a model (LoRA / DoRA / QLoRA / full, or a classifier) from a YAML config.
+
+    Example: ragtune tune tuning/configs/corvida-lora.yaml max_steps=20 name=corvida-try
+
+    Resume after an interruption: ragtune tune tuning/configs/corvida-lora.yaml resume=true
+    """
+    from tuning.config import load_tune_config, yaml_template
+
+    if show_config:
+        typer.echo(yaml_template(f"ragtune tune {config or 'tune.yaml'}"))
+        return
+    if config is not None and "=" in str(config) and not Path(config).exists():
+        overrides = [str(config), *(overrides or [])]
+        config = None
+    from tuning.run import tune
+
+    cfg = load_tune_config(config, overrides or [])
+    manifest = tune(cfg, home=home, echo=(lambda *_: None) if as_json else typer.echo)
+    if as_json:
+        _emit(manifest)
+
+
+adapters_app = typer.Typer(help="List, remove and merge trained adapters.", invoke_without_command=True,
+                           no_args_is_help=False)
+
+
+@adapters_app.callback()
+def adapters_list(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
+    home: Optional[str] = _HOME,
+) -> None:
+    """List adapters (newest first) with task, method, base model and metrics.
+
+    Example: ragtune adapters --json
+    """
+    if ctx.invoked_subcommand is not None:
+        ctx.obj = {"home": home}
+        return
+    from rag.config import ragtune_home
+    from tuning.adapters import list_adapters
+
+    items = list_adapters(ragtune_home(home))
+    if as_json:
+        _emit(items)
+        return
+    if not items:
+        typer.echo("no adapters yet; train one with: ragtune tune tuning/configs/corvida-lora.yaml")
+        return
+    for a in items:
+        m = a.get("metrics") or {}
+        score = m.get("eval_loss", m.get("test_accuracy"))
+        extra = f" eval_loss={score}" if "eval_loss" in m else (f" accuracy={score}" if score is not None else "")
+        forgot = f" general_ppl={a['forgetting']:+.1f}%" if isinstance(a.get("forgetting"), (int, float)) else ""
+        typer.echo(f"{a['name']}\t{a.get('task')}/{a.get('method')}\t{a.get('base_model')}\t{a.get('created')}{extra}{forgot}")
+
+
+def _home_from(ctx: typer.Context, home: Optional[str]) -> Optional[str]:
+    return home or (ctx.obj or {}).get("home")
+
+
+@adapters_app.command("rm")
+def adapters_rm(ctx: typer.Context, name: str = typer.Argument(..., help="adapter name"), home: Optional[str] = _HOME) -> None:
+    """Delete an adapter folder.
+
+    Example: ragtune adapters rm corvida-try
+    """
+    from rag.config import ragtune_home
+    from tuning.adapters import remove_adapter
+
+    path = remove_adapter(ragtune_home(_home_from(ctx, home)), name)
+    typer.echo(f"removed {name} ({path})")
+
+
+@adapters_app.command("merge")
+def adapters_merge(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="adapter name"),
+    out: Path = typer.Option(..., "--out", help="new folder for the merged HF model"),
+    home: Optional[str] = _HOME,
+) -> None:
+    """Merge an adapter into its base model and save a plain HF model folder (safetensors + tokenizer).
+
+    Example: ragtune adapters merge corvida-lora --out merged/corvida
+    """
+    from rag.config import ragtune_home
+    from tuning.adapters import merge_adapter
+
+    path = merge_adapter(ragtune_home(_home_from(ctx, home)), name, out)
+    typer.echo(f"merged model written to {path}")
+
+
+data_app = typer.Typer(help="Build training data.", no_args_is_help=True)
+
+
+@data_app.command("raft")
+def data_raft(
+    collection: str = typer.Option(..., "--collection", "-c", help="indexed collection the questions' documents are in"),
+    questions: Path = typer.Option(..., "--questions", help="JSONL with question, answer, doc, span (corpora/corvida/qa format)"),
+    out: Path = typer.Option(..., "--out", help="output JSONL (qa rows with context); the test split goes to OUT.test.jsonl"),
+    no_oracle_share: float = typer.Option(0.2, "--no-oracle-share", help="share of rows whose context omits the oracle chunk"),
+    distractors: int = typer.Option(3, "--distractors", help="distractor chunks per row (top hits that are not the oracle)"),
+    test_share: float = typer.Option(0.0, "--test-share", help="share of source documents held out as the test split"),
+    seed: int = typer.Option(42, "--seed", help="seed for shuffling and splits"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+    home: Optional[str] = _HOME,
+) -> None:
+    """Build RAFT examples: question + oracle chunk + hard-negative distractors -> answer citing the oracle.
+
+    Example: ragtune data raft --collection corvida --questions corpora/corvida/qa/train.jsonl --out raft.jsonl --test-share 0.2
+    """
+    from tuning.raft import write_raft
+
+    report = write_raft(home, collection, questions, out, distractors, no_oracle_share, test_share, seed)
+    if as_json:
+        _emit(report.to_dict())
+        return
+    typer.echo(f"{report.written} rows -> {report.out}" + (f", {report.test_written} test rows -> {report.test_out}" if report.test_out else ""))
+    typer.echo(f"with oracle {report.with_oracle}, without oracle {report.without_oracle}, unanswerable {report.unanswerable}, "
+               f"rejected (quote not in oracle) {report.rejected_quote}, unknown documents {report.skipped_unknown_doc}")
+
+
+def classify_cmd(
+    text: List[str] = typer.Argument(..., help="text(s) to classify"),
+    adapter: str = typer.Option(..., "--adapter", help="a classification adapter (task=classification)"),
+    as_json: bool = typer.Option(False, "--json", help="print labels and scores as JSON"),
+    home: Optional[str] = _HOME,
+) -> None:
+    """Classify text with a trained classification adapter.
+
+    Example: ragtune classify --adapter corvida-classify "The app will not pair with my heat pump"
+    """
+    from tuning.recipes.classification import classify
+
+    results = classify(home, adapter, list(text))
+    if as_json:
+        _emit(results)
+        return
+    for t, r in zip(text, results):
+        typer.echo(f"{r['label']}\t{r['scores'][r['label']]:.2f}\t{t}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("tune", context_settings={"allow_extra_args": False})(tune_cmd)
+    app.add_typer(adapters_app, name="adapters")
+    app.add_typer(data_app, name="data")
+    app.command("classify")(classify_cmd)

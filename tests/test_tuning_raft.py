@@ -1,0 +1,111 @@
+"""RAFT examples from a real collection (real embedder, SQLite, FAISS)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from conftest import write_jsonl
+from rag.collection import IndexConfig, Workspace
+from tuning.errors import RaftError
+from tuning.raft import build_raft
+
+FACTS = {
+    "hx.md": ["The HX-9 heat pump delivers 9 kW of heating.", "The warranty on HX units lasts seven years.",
+              "Error E07 means low water flow; check the strainer.", "The HX-9 uses R290 as its refrigerant."],
+    "lumo.md": ["The Lumo 2 controller costs 189 EUR.", "Lumo pairs with the app over Bluetooth.",
+                "Firmware updates for Lumo arrive every quarter.", "Lumo shows error E14 when the sensor is unplugged."],
+    "company.md": ["Corvida was founded in 2011 in Aarhus.", "The Brenholt Works factory opened on 9 September 2016.",
+                   "Support is open Saturday 09:00-13:00.", "Corvida employs 420 people."],
+    "service.md": ["A yearly service costs 140 EUR.", "Service visits are booked through the app.",
+                   "Technicians carry spare strainers.", "The service contract renews each January."],
+}
+FILLER = "This paragraph adds unrelated background so that documents span several chunks of text. " * 3
+
+
+@pytest.fixture(scope="module")
+def raft_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("raft-docs")
+    home = tmp_path_factory.mktemp("raft-home")
+    questions = []
+    for name, facts in FACTS.items():
+        text = "".join(f"{fact} {FILLER}\n\n" for fact in facts)
+        (root / name).write_text(text, encoding="utf-8")
+        for fact in facts:
+            start = text.index(fact)
+            questions.append({"id": f"{name}-{start}", "question": f"What is true here: {fact.split(' ', 3)[-1]}?",
+                              "answer": fact, "doc": name, "span": [start, start + len(fact)]})
+    questions.append({"id": "none", "question": "What colour is the CEO's car?", "answer": "The knowledge base does not say.",
+                      "doc": None, "span": None})
+    ws = Workspace(home)
+    ws.create("demo", IndexConfig(chunk_tokens=48, chunk_overlap=0))
+    ws.index("demo", [root])
+    return ws.get("demo"), questions, home
+
+
+def test_rows_hold_oracle_and_hard_negatives_with_cited_answers(raft_setup):
+    col, questions, _ = raft_setup
+    train, test, report = build_raft(col, questions, distractors=2, no_oracle_share=0.25, seed=3)
+    answerable = len(questions) - 1
+    assert report.without_oracle == round(answerable * 0.25)  # the share is exact, not just expected
+    assert report.unanswerable == 1 and report.rejected_quote == 0
+    assert report.with_oracle + report.without_oracle + report.unanswerable == len(train) == len(questions)
+    for row in train:
+        numbered = re.findall(r"(?m)^\[(\d+)\] \(", row["context"])
+        assert numbered == [str(i) for i in range(1, len(row["sources"]) + 1)]
+        q = next(q for q in questions if q["id"] == row["id"])
+        if row["oracle"]:
+            assert len(row["sources"]) == 3
+            oracle_docs = [i for i, s in enumerate(row["sources"], 1) if s["doc"] == q["doc"]]
+            cited = int(row["answer"].split("Evidence [", 1)[1].split("]", 1)[0])
+            assert cited in oracle_docs and f"[{cited}]" in row["answer"].split("\n")[0]
+            quoted = row["answer"].split('"')[1]
+            source_text = row["context"].split(f"[{cited}] ({q['doc']}) ", 1)[1]
+            assert quoted in source_text and quoted == q["answer"]
+        else:
+            assert row["answer"] == q["answer"]  # memorise when retrieval misses (RAFT); no citation
+            if q["doc"]:
+                chunk_texts = [c.text for c in col.chunks(q["doc"])]
+                holder = next(c for c in chunk_texts if q["answer"] in c)
+                assert holder.strip() not in row["context"]
+
+
+def test_quote_check_and_doc_split(raft_setup):
+    col, questions, _ = raft_setup
+    whole = col.document_text("hx.md")
+    spanning = {"id": "wide", "question": "Tell me everything about HX.", "answer": "Lots.", "doc": "hx.md", "span": [0, len(whole)]}
+    train, test, report = build_raft(col, questions + [spanning], distractors=1, no_oracle_share=0.0, test_share=0.5, seed=1)
+    assert report.rejected_quote == 1  # a quote that no single chunk holds is never written
+    assert "wide" not in {r["id"] for r in train + test}
+    train_docs = {r["doc"] for r in train if r["doc"]}
+    test_docs = {r["doc"] for r in test if r["doc"]}
+    assert train_docs and test_docs and not train_docs & test_docs
+    assert test_docs == set(report.test_docs)
+    with pytest.raises(RaftError, match="no-oracle-share"):
+        build_raft(col, questions, no_oracle_share=1.5)
+
+
+def test_cli_writes_train_and_test_files(raft_setup, tmp_path):
+    from typer.testing import CliRunner
+
+    from serving import cli
+
+    _, questions, home = raft_setup
+    qfile = write_jsonl(tmp_path / "q.jsonl", questions)
+    out = tmp_path / "raft.jsonl"
+    cli._register_plugins()
+    result = CliRunner().invoke(cli.app, ["data", "raft", "--collection", "demo", "--questions", str(qfile), "--out", str(out),
+                                          "--no-oracle-share", "0.5", "--distractors", "1", "--test-share", "0.25",
+                                          "--json", "--home", str(home)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    test_rows = [json.loads(line) for line in (tmp_path / "raft.test.jsonl").read_text().splitlines()]
+    assert len(rows) == report["written"] and len(test_rows) == report["test_written"] and test_rows
+    assert report["without_oracle"] == round((len(questions) - 1) * 0.5)
+    # the rows are the qa shape ragtune tune reads
+    from tuning.data import load_records
+
+    assert load_records(out, "raft")[0].messages[0]["content"].startswith("Sources:\n[1]")

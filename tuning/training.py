@@ -1,0 +1,394 @@
+"""Pieces the recipes share: PEFT setup, the SFT Trainer subclass, the JSONL run log, checkpoints.
+
+Why plain ``transformers.Trainer`` and not TRL's ``SFTTrainer`` (checked against TRL 1.16):
+
+- TRL's ``completion_only_loss`` trains everything the template renders after the prompt, including the
+  newline after ``<|im_end|>``, and its ``assistant_only_loss`` needs ``{% generation %}`` markers that
+  SmolLM2's template lacks. We need the exact "reply + EOS" mask (tested), so we tokenize ourselves.
+- TRL truncates over-long rows silently; we drop or truncate by a stated policy and count it.
+- TRL documents padding-free/packing as FlashAttention-only. Here transformers' own
+  ``find_packed_sequence_indices`` builds a block-diagonal mask from ``position_ids`` for SDPA/eager
+  too, so packing works on CPU without cross-contamination (tested against unpacked logits).
+- The loss computes logits only at labelled positions (``logits_to_keep`` with a boolean mask): with a
+  49k vocabulary the full logits tensor dominated memory and a good share of step time.
+- The progressive multi-task sampler replaces Trainer's sampler (one override either way).
+
+Trainer still gives us what we would otherwise re-implement: the optimizer/scheduler loop, gradient
+accumulation, evaluation cadence, best-checkpoint tracking, early stopping, safe resumable checkpoints
+(Trainer loads optimizer/scheduler/RNG state with ``weights_only=True``; adapters are safetensors) and
+``accelerate launch`` for DDP/FSDP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from tuning.config import TuneConfig
+from tuning.errors import TuningError
+
+ATTENTION_MODULES = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "bert": ["query", "key", "value", "attention.output.dense"],
+}
+
+
+# ------------------------------------------------------------------------------------------------ PEFT
+
+def _num_layers(model) -> int:
+    cfg = getattr(model, "config", None)
+    return int(getattr(cfg, "num_hidden_layers", 0) or 0)
+
+
+def _linear_module_names(model) -> list[str]:
+    """Leaf names of every nn.Linear except output heads (what peft's 'all-linear' selects)."""
+    names = set()
+    for full_name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and full_name.split(".")[-1] not in ("lm_head", "score", "classifier"):
+            names.add(full_name.split(".")[-1])
+    return sorted(names)
+
+
+def target_modules(config: TuneConfig, model) -> Any:
+    if config.target_modules == "all-linear":
+        # peft refuses layers_to_transform with the 'all-linear' string, so spell the modules out then
+        return _linear_module_names(model) if config.layers > 0 else "all-linear"
+    if config.target_modules == "attention":
+        model_type = getattr(model.config, "model_type", "")
+        if model_type in ("bert", "roberta", "xlm-roberta", "distilbert"):
+            return ATTENTION_MODULES["bert"]
+        return ATTENTION_MODULES["llama"]
+    names = [n.strip() for n in config.target_modules.split(",") if n.strip()]
+    if not names:
+        raise TuningError("target_modules: give 'attention', 'all-linear' or module names like q_proj,v_proj")
+    return names
+
+
+def top_layer_indices(config: TuneConfig, model) -> list[int] | None:
+    if config.layers <= 0:
+        return None
+    total = _num_layers(model)
+    if total == 0:
+        raise TuningError("layers: this model does not report num_hidden_layers; set layers=0")
+    if config.layers > total:
+        raise TuningError(f"layers: the model has {total} layers; use layers between 1 and {total} (or 0 for all)")
+    return list(range(total - config.layers, total))
+
+
+def apply_method(model, config: TuneConfig, task_type: str):
+    """Wrap ``model`` with LoRA/DoRA (peft) or unfreeze it for full fine-tuning."""
+    layers = top_layer_indices(config, model)
+    if config.method == "full":
+        for name, param in model.named_parameters():
+            param.requires_grad = True
+            if layers is not None:
+                param.requires_grad = any(f"layers.{i}." in name or f"layer.{i}." in name for i in layers) or \
+                    (task_type == "SEQ_CLS" and ("classifier" in name or "score" in name))
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    kwargs: dict[str, Any] = {}
+    if layers is not None:
+        kwargs["layers_to_transform"] = layers
+        model_type = getattr(model.config, "model_type", "")
+        kwargs["layers_pattern"] = "layer" if model_type in ("bert", "roberta", "distilbert") else "layers"
+    try:
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=target_modules(config, model), use_dora=config.method == "dora",
+                          task_type=task_type, bias="none", **kwargs)
+        return get_peft_model(model, lora)
+    except ValueError as exc:
+        raise TuningError(f"target_modules/layers do not match this model ({exc}); try target_modules=all-linear layers=0") from None
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+# --------------------------------------------------------------------------------------------- logging
+
+class JsonlLog:
+    """Appends one JSON object per line to ``<run>/log.jsonl`` (the UI plots it)."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path = path
+        self.enabled = enabled
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, event: str, **values: Any) -> None:
+        if not self.enabled:
+            return
+        row = {"event": event, "time": round(time.time(), 3), **values}
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row, default=float) + "\n")
+
+
+    def last(self, event: str) -> dict | None:
+        """The newest row of ``event`` without its bookkeeping keys, or None."""
+        if not self.path.exists():
+            return None
+        found = None
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a kill
+            if row.get("event") == event:
+                found = {k: v for k, v in row.items() if k not in ("event", "time")}
+        return found
+
+
+class LogCallback(TrainerCallback):
+    def __init__(self, log: JsonlLog):
+        self.log = log
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            kind = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+            self.log.write(kind, **{"step": state.global_step, **logs, "epoch": round(state.epoch or 0.0, 4)})
+
+
+# ------------------------------------------------------------------------------------------ SFT trainer
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+
+def causal_lm_loss(model, batch: dict, reduction: str = "sum") -> tuple[torch.Tensor, int]:
+    """Cross-entropy over the labelled positions only; logits are computed just there."""
+    shift_labels = batch["shift_labels"]
+    keep = shift_labels != -100
+    n = int(keep.sum())
+    kwargs = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {"attention_mask": batch["attention_mask"]}
+    out = model(input_ids=batch["input_ids"], logits_to_keep=keep, use_cache=False, **kwargs)
+    logits = out.logits.float()  # fp32 logits for the loss, as the QLoRA recipe does
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), shift_labels[keep], reduction=reduction)
+    return loss, n
+
+
+class SFTTrainer(Trainer):
+    """Trainer with the answer-only, labelled-logits loss, the mixture sampler and per-task evaluation."""
+
+    loss_is_scaled_for_ga = True  # compute_loss divides by the tokens of the whole accumulated batch
+
+    def __init__(self, *args, sampler=None, eval_rows: list[dict] | None = None, eval_collator=None,
+                 rows_per_pass: int = 1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rows_per_pass = max(1, rows_per_pass)
+        self._mixture_sampler = sampler
+        self._eval_rows = eval_rows or []
+        self._eval_collator = eval_collator
+        self.model_accepts_loss_kwargs = True  # so Trainer counts label tokens across accumulation steps
+        self._loss_shifts_labels = True
+        self.tokens_seen = 0
+
+    def _get_train_sampler(self, train_dataset=None):
+        return self._mixture_sampler if self._mixture_sampler is not None else super()._get_train_sampler(train_dataset)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Forward/backward ``rows_per_pass`` packed rows at a time and accumulate their gradients.
+
+        The loss of each pass is its label-token sum over the whole step's label count, so the summed
+        gradient equals one pass over the whole batch (same step, same hyperparameters) while activation
+        memory is one pass's: on CPU, activations (~2.5 MB per token for LoRA on all linear layers of
+        SmolLM2-135M) dominate peak RSS, not the weights.
+        """
+        rows = inputs["input_ids"].shape[0]
+        if rows <= self.rows_per_pass:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        if num_items_in_batch is None:
+            num_items_in_batch = inputs["shift_labels"].ne(-100).sum()
+        starts = list(range(0, rows, self.rows_per_pass))
+        total = torch.zeros((), device=self.args.device)
+        for i, start in enumerate(starts):
+            part = {k: v[start:start + self.rows_per_pass] if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == rows else v
+                    for k, v in inputs.items()}
+            last = i == len(starts) - 1
+            sync = contextlib.nullcontext() if last or self.accelerator.num_processes == 1 else self.accelerator.no_sync(model)
+            with sync:
+                with self.compute_loss_context_manager():
+                    loss = self.compute_loss(model, part, num_items_in_batch=num_items_in_batch)
+                self.accelerator.backward(loss)
+            total += loss.detach()
+        return total
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            self.tokens_seen += int(inputs["row_tokens"].sum())
+        loss_sum, n = causal_lm_loss(model, inputs, reduction="sum")
+        denom = num_items_in_batch if num_items_in_batch is not None else max(n, 1)
+        if torch.is_tensor(denom):
+            denom = denom.to(loss_sum.device)
+        loss = loss_sum / denom
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        return (loss, None) if return_outputs else loss
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Token-weighted answer loss, overall and per task (Trainer's default averages batch means)."""
+        metrics = evaluate_loss(self.model, self._eval_rows, self._eval_collator, self.args.per_device_eval_batch_size,
+                                self.args.device, prefix=metric_key_prefix)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+@torch.no_grad()
+def evaluate_loss(model, rows: list[dict], collator, batch_size: int, device, prefix: str = "eval") -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    totals: dict[str, list[float]] = {}
+    for task in sorted({r["task"] for r in rows}):
+        task_rows = [r for r in rows if r["task"] == task]
+        loss_sum, count = 0.0, 0
+        for i in range(0, len(task_rows), batch_size):
+            batch = {k: v.to(device) for k, v in collator(task_rows[i:i + batch_size]).items()}
+            s, n = causal_lm_loss(model, batch, reduction="sum")
+            loss_sum += float(s)
+            count += n
+        totals[task] = [loss_sum, count]
+    if was_training:
+        model.train()
+    metrics: dict[str, float] = {}
+    all_sum = sum(v[0] for v in totals.values())
+    all_n = sum(v[1] for v in totals.values())
+    metrics[f"{prefix}_loss"] = all_sum / max(all_n, 1)
+    if len(totals) > 1:
+        for task, (s, n) in totals.items():
+            metrics[f"{prefix}_loss_{task}"] = s / max(n, 1)
+    metrics[f"{prefix}_tokens"] = all_n
+    return metrics
+
+
+# -------------------------------------------------------------------------------------- run folders
+
+def prepare_run_dir(run_dir: Path, resume: bool) -> str | None:
+    """Checkpoint to resume from (``resume=true``), else a clean ``checkpoints`` folder."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    ckpt_dir = run_dir / "checkpoints"
+    if resume:
+        last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.exists() else None
+        if last is None:
+            raise TuningError(f"resume=true but {ckpt_dir} holds no checkpoint; run again without resume=true")
+        return last
+    if ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)
+    if (run_dir / "log.jsonl").exists():
+        (run_dir / "log.jsonl").unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def check_adapter_slot(adapter_dir: Path, config: TuneConfig) -> None:
+    if adapter_dir.exists() and not (config.overwrite or config.resume):
+        raise TuningError(f"adapter {config.name!r} already exists at {adapter_dir}; pick another name, "
+                          f"add overwrite=true, or remove it with `ragtune adapters rm {config.name}`")
+
+
+def publish_folder(tmp: Path, target: Path) -> None:
+    """Replace ``target`` with ``tmp`` (same filesystem), never leaving a half-written folder."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.rename(target, old)
+    os.rename(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def staging_dir(parent: Path, name: str) -> Path:
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{name}-", dir=parent))
+
+
+def training_arguments(config: TuneConfig, output_dir: Path, has_eval: bool, device: str, **extra):
+    from transformers import TrainingArguments
+
+    eval_kwargs: dict[str, Any] = {"eval_strategy": "no"}
+    if has_eval:
+        eval_kwargs = {"eval_strategy": "steps", "eval_steps": config.eval_steps, "load_best_model_at_end": True,
+                       "metric_for_best_model": "eval_loss", "greater_is_better": False}
+    # Trainer keeps the best checkpoint in addition to save_total_limit when load_best_model_at_end is set;
+    # save_steps must then be a multiple of eval_steps.
+    save_steps = config.save_steps
+    if has_eval and save_steps % config.eval_steps:
+        save_steps = config.eval_steps * max(1, round(save_steps / config.eval_steps))
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        lr_scheduler_type="linear",
+        warmup_steps=config.warmup_ratio,
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=config.save_total_limit,
+        seed=config.seed,
+        data_seed=config.seed,
+        report_to="none",
+        disable_tqdm=not config.progress,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        use_cpu=device == "cpu",
+        bf16=device == "cuda",
+        dataloader_num_workers=0,
+        optim="adamw_torch",
+        **eval_kwargs,
+        **extra,
+    )
+
+
+def total_draws(config: TuneConfig, n_train: int, world_size: int = 1) -> int:
+    if config.max_steps > 0:
+        return config.max_steps * config.batch_size * config.grad_accum * world_size
+    return int(math.ceil(config.epochs * n_train))
+
+
+def auto_threads() -> int:
+    """Cores not already busy. On a shared CPU, OpenMP threads that lose their core to another process
+    stall every parallel region at its barrier: measured here with two other jobs running, a LoRA step took
+    ~10x longer with 2 threads than with 1. On an idle machine this is every core."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:  # pragma: no cover
+        busy = 0.0
+    return max(1, min(cores, int(round(cores - busy))))
+
+
+def set_threads(threads: int) -> int:
+    """``threads`` > 0: exactly that many; 0: :func:`auto_threads` (CPU only)."""
+    n = threads if threads > 0 else (auto_threads() if not torch.cuda.is_available() else torch.get_num_threads())
+    torch.set_num_threads(n)
+    return n
