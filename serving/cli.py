@@ -195,6 +195,155 @@ def reindex_cmd(
                    f"in {report.seconds:.1f}s")
 
 
+# --- serving commands: ask, chat, serve (serving/assistant.py, serving/openai_server.py) ---------------
+ServeConfigOption = typer.Option(None, "--config", help="serving config YAML (keys: see serving/config.py ServeConfig)")
+ServeSetOption = typer.Option([], "--set", help="override a serving config key, e.g. --set k=6 (repeatable)")
+
+
+def _assistant(home: Optional[str], config: Optional[Path], overrides: List[str], log: bool = True):
+    from rag.config import load_config
+    from serving.assistant import Assistant
+    from serving.config import ServeConfig, ServingError
+
+    try:
+        return Assistant.open(home, load_config(ServeConfig, config, overrides), log=log)
+    except ServingError as exc:
+        fail(str(exc))
+
+
+def _infer_mode(mode: Optional[str], collection: Optional[str], adapter: Optional[str]) -> str:
+    if mode:
+        return mode
+    if collection:
+        return "rag+ft" if adapter else "rag"
+    return "ft" if adapter else "base"
+
+
+def _print_sources(answer: Any) -> None:
+    for s in answer.sources:
+        mark = "*" if s.cited else " "
+        sim = f" sim={s.similarity:.2f}" if s.similarity is not None else ""
+        typer.echo(f" {mark}[{s.n}] {s.doc} {s.start}-{s.end}{sim}", err=True)
+    t = answer.timings
+    parts = [f"{k}={t[k]}" for k in ("retrieval_ms", "ttft_s", "tokens_per_s", "total_s") if t.get(k) is not None]
+    typer.echo("    " + " ".join(parts), err=True)
+
+
+@app.command("ask")
+def ask_cmd(
+    question: str = typer.Argument(..., help="the question"),
+    collection: Optional[str] = typer.Option(None, "--collection", "-c", help="collection to retrieve from (rag modes)"),
+    adapter: Optional[str] = typer.Option(None, "--adapter", "-a", help="LoRA adapter from `ragtune adapters` (ft modes)"),
+    mode: Optional[str] = typer.Option(None, "--mode", "-m", help="base, rag, ft or rag+ft (default: from --collection/--adapter)"),
+    k: Optional[int] = typer.Option(None, "-k", help="retrieved chunks in the prompt (default 4)"),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="longest answer in tokens"),
+    as_json: bool = JsonOption,
+    config: Optional[Path] = ServeConfigOption,
+    overrides: List[str] = ServeSetOption,
+    home: Optional[str] = HomeOption,
+) -> None:
+    """Answer one question, streamed (sources and timings on stderr), or as JSON with --json.
+
+    Example: ragtune ask "How long is the HX warranty?" --collection corvida --mode rag
+    """
+    from serving.config import MODES, ServingError
+
+    if not question.strip():  # checked again by the assistant; here before the model loads
+        fail("empty question: type a question")
+    if mode and mode not in MODES:
+        fail(f"unknown mode {mode!r}; use one of: {', '.join(MODES)}")
+    assistant = _assistant(home, config, overrides)
+    try:
+        stream = assistant.stream(question, _infer_mode(mode, collection, adapter), collection, adapter, k=k,
+                                  max_new_tokens=max_new_tokens)
+        if as_json:
+            emit(stream.result().to_dict())
+            return
+        for piece in stream:
+            typer.echo(piece, nl=False)
+        typer.echo("")
+    except ServingError as exc:
+        fail(str(exc))
+    _print_sources(stream.answer)
+
+
+@app.command("chat")
+def chat_cmd(
+    collection: Optional[str] = typer.Option(None, "--collection", "-c", help="collection to retrieve from (rag modes)"),
+    adapter: Optional[str] = typer.Option(None, "--adapter", "-a", help="LoRA adapter (ft modes)"),
+    mode: Optional[str] = typer.Option(None, "--mode", "-m", help="base, rag, ft or rag+ft (default: from --collection/--adapter)"),
+    config: Optional[Path] = ServeConfigOption,
+    overrides: List[str] = ServeSetOption,
+    home: Optional[str] = HomeOption,
+) -> None:
+    """Chat in the terminal: streamed answers, follow-up questions use the conversation. /reset, /quit.
+
+    Example: ragtune chat --collection corvida --adapter corvida-lora --mode rag+ft
+    """
+    from serving.config import ServingError
+    from serving.prompts import Turn
+
+    assistant = _assistant(home, config, overrides)
+    mode = _infer_mode(mode, collection, adapter)
+    history: list[Any] = []
+    chat_id = assistant.store.new_chat(f"terminal chat ({mode})") if assistant.store else None
+    typer.echo(f"mode {mode}; type a question, /reset to forget the conversation, /quit to leave", err=True)
+    while True:
+        try:
+            question = input("> ").strip()
+        except EOFError:
+            break
+        if question in ("/quit", "/exit"):
+            break
+        if question == "/reset":
+            history.clear()
+            continue
+        if not question:
+            continue
+        try:
+            stream = assistant.stream(question, mode, collection, adapter, history, chat_id=chat_id)
+            for piece in stream:
+                typer.echo(piece, nl=False)
+            typer.echo("")
+        except ServingError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            continue
+        _print_sources(stream.answer)
+        history.append(Turn(question, stream.answer.text))
+
+
+@app.command("serve")
+def serve_cmd(
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (0.0.0.0 for every interface)"),
+    port: int = typer.Option(8000, "--port", help="TCP port (0 = a free one)"),
+    config: Optional[Path] = ServeConfigOption,
+    overrides: List[str] = ServeSetOption,
+    home: Optional[str] = HomeOption,
+) -> None:
+    """Serve the base model and every adapter over an OpenAI-compatible API (/v1/chat/completions, streamed).
+
+    Example: ragtune serve --port 8000 --set quantize=int8
+    """
+    from rag.config import load_config, ragtune_home
+    from serving.config import ServeConfig, ServingError
+    from serving.generation import LocalGenerator
+    from serving.openai_server import make_server
+
+    cfg = load_config(ServeConfig, config, overrides)
+    try:
+        generator = LocalGenerator(cfg.base_model, ragtune_home(home), quantize=cfg.quantize, device=cfg.device, threads=cfg.threads)
+    except ServingError as exc:
+        fail(str(exc))
+    server = make_server(generator, host, port, default_max_tokens=cfg.max_new_tokens)
+    h, p = server.server_address[:2]
+    models = [generator.base_id] + [a["name"] for a in generator.available_adapters() if a["usable"]]
+    typer.echo(f"serving {', '.join(models)} at http://{h}:{p}/v1 (Ctrl-C to stop)", err=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+
+
 def _register_plugins() -> None:
     from serving import tune_commands
     from serving.ab import commands as ab_commands

@@ -1,0 +1,238 @@
+"""Serving benchmark on the demo corpus: ragtune vs the plain stack in one process, one JSON line per figure.
+
+    python bench/serve_bench.py            # 64-token decodes, 20 RAG questions, 8 concurrent asks
+    python bench/serve_bench.py --quick    # 32-token decodes, 6 questions, same metrics (< 5 minutes)
+
+Metrics (names fixed by issue 4):
+- decode_speedup: decode tokens/s of ragtune's generator (int8 linear layers, own decode loop) / plain
+  fp32 ``model.generate`` on the same prompt and model, same number of new tokens (prefill excluded);
+  llamacpp_tokens_per_s: llama.cpp on the packaged GGUF when ``llama_cpp`` is importable;
+- ttft_p50_s_rag: time to first token in ``rag`` mode with k=4 (retrieval + prompt + prefill), baseline =
+  the same retrieval and prompt through fp32 ``model.generate``;
+- adapter_switch_p50_ms: base -> adapter -> base on the loaded model; baseline = loading the adapter
+  onto the base per request (``PeftModel.from_pretrained``), what serving without hot-switching costs;
+- concurrent_errors, concurrent_p95_s, concurrent_throughput_qps: 8 concurrent ``ask`` calls vs the
+  same 8 one after another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+DOCS = REPO / "corpora" / "corvida" / "docs"
+QUESTIONS = REPO / "corpora" / "corvida" / "qa" / "test.jsonl"
+LONG_PROMPT = [{"role": "user", "content": "Write a long, detailed story about an engineer who installs a heat pump "
+                                           "in an old farmhouse in winter."}]
+
+
+def line(metric: str, value, unit: str, goal: str | None = None, baseline=None, ragtune=None, **extra) -> dict:
+    row = {"bench": "serve", "metric": metric, "value": None if value is None else round(float(value), 4),
+           "baseline": baseline, "ragtune": ragtune, "unit": unit, "goal": goal, **extra}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def p(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))]
+
+
+def random_adapter(home: Path, name: str) -> None:
+    """An untrained LoRA (all-linear, r=16 like the default recipe) in the registry format: switch cost
+    does not depend on the weights' values."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from tuning.adapters import adapter_dir, write_manifest
+    from tuning.models import load_causal_lm, resolve_base_model, weights_hash
+
+    base = resolve_base_model("smollm2-135m-instruct", home)
+    torch.manual_seed(0)
+    model = get_peft_model(load_causal_lm(base, for_training=False),
+                           LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    folder = adapter_dir(home, name)
+    model.save_pretrained(folder, safe_serialization=True)
+    write_manifest(folder, {"format": 1, "name": name, "task": "sft", "method": "lora", "quant": "none",
+                            "base_model": {"id": base.id, "kind": base.kind, "sha256": weights_hash(base)},
+                            "created": "bench", "metrics": {}})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer tokens and questions (same metrics)")
+    parser.add_argument("--home", type=Path, default=None, help="workspace to use (default: a temp folder; the demo corpus is indexed into it)")
+    parser.add_argument("--adapter", default=None, help="adapter for the switch and rag+ft figures (default: an untrained one made here)")
+    args = parser.parse_args()
+    new_tokens = 32 if args.quick else 64
+    n_questions = 6 if args.quick else 20
+    concurrent_tokens = 16 if args.quick else 32
+
+    import torch
+
+    from rag.collection import Workspace
+    from serving.assistant import Assistant
+    from serving.config import ServeConfig
+    from serving.generation import GenerationParams, LocalGenerator
+    from tuning.models import load_causal_lm, load_tokenizer, resolve_base_model
+
+    tmp = tempfile.TemporaryDirectory(prefix="serve-bench-")
+    home = args.home or Path(tmp.name)
+    ws = Workspace(home)
+    t0 = time.perf_counter()
+    if "corvida" not in ws.names():
+        ws.index("corvida", [DOCS])
+    adapter = args.adapter
+    if adapter is None:
+        adapter = "bench-random"
+        random_adapter(ws.home, adapter)
+    print(f"# setup {time.perf_counter() - t0:.0f}s, torch threads {torch.get_num_threads()}, "
+          f"load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
+
+    base = resolve_base_model("smollm2-135m-instruct", ws.home)
+    tokenizer = load_tokenizer(base)
+    plain = load_causal_lm(base, for_training=False).eval()
+    gen = LocalGenerator("smollm2-135m-instruct", ws.home, quantize="int8")
+
+    # 1. decode speed: same prompt, same number of new tokens
+    params = GenerationParams(max_new_tokens=new_tokens)
+    "".join(gen.stream(LONG_PROMPT, params=GenerationParams(max_new_tokens=4)))  # warm-up
+    stream = gen.stream(LONG_PROMPT, params=params)
+    "".join(stream)
+    n = stream.completion_tokens
+    ragtune_tps = stream.decode_tokens_per_s
+    ids = torch.tensor([gen.render(LONG_PROMPT)])
+
+    def plain_generate(tokens: int) -> float:
+        started = time.perf_counter()
+        with torch.inference_mode():
+            plain.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                           min_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        return time.perf_counter() - started
+
+    plain_generate(2)  # warm-up
+    first = min(plain_generate(1) for _ in range(2))
+    total = plain_generate(n)
+    baseline_tps = (n - 1) / max(total - first, 1e-9)
+    line("decode_speedup", ragtune_tps / baseline_tps, "x", ">= 2", baseline=round(baseline_tps, 2),
+         ragtune=round(ragtune_tps, 2), tokens=n)
+    fp32 = LocalGenerator("smollm2-135m-instruct", ws.home, quantize="none")
+    s = fp32.stream(LONG_PROMPT, params=GenerationParams(max_new_tokens=n))
+    "".join(s)
+    line("decode_tokens_per_s_fp32_loop", s.decode_tokens_per_s, "tokens/s", None, baseline=round(baseline_tps, 2),
+         ragtune=round(s.decode_tokens_per_s or 0, 2), note="ragtune's loop without int8: what the loop alone gives")
+    del fp32
+    try:
+        from llama_cpp import Llama
+
+        from tuning.models import packaged_gguf
+
+        llm = Llama(model_path=str(packaged_gguf()), n_ctx=1024, n_threads=os.cpu_count(), verbose=False)
+        prompt = tokenizer.apply_chat_template(LONG_PROMPT, tokenize=False, add_generation_prompt=True)
+        llm(prompt, max_tokens=2)
+        started = time.perf_counter()
+        out = llm(prompt, max_tokens=n, temperature=0.0)
+        elapsed = time.perf_counter() - started
+        line("llamacpp_tokens_per_s", out["usage"]["completion_tokens"] / elapsed, "tokens/s", None,
+             baseline=round(baseline_tps, 2), ragtune=round(ragtune_tps, 2), note="includes prefill")
+    except ImportError:
+        line("llamacpp_tokens_per_s", None, "tokens/s", None, note="llama_cpp not importable; skipped")
+
+    # 2. time to first token in rag mode, k=4
+    questions = [json.loads(l)["question"] for l in QUESTIONS.read_text(encoding="utf-8").splitlines() if l.strip()]
+    questions = questions[:: max(1, len(questions) // n_questions)][:n_questions]
+    config = ServeConfig(k=4, max_new_tokens=concurrent_tokens)
+    assistant = Assistant(ws, gen, config)
+    assistant.warm_up()
+    ours, theirs, prompt_tokens = [], [], []
+    from serving.prompts import build_messages
+
+    col = ws.get("corvida")
+    for q in questions:
+        stream = assistant.stream(q, "rag", "corvida", k=4, max_new_tokens=1, log=False)
+        "".join(stream)
+        ours.append(stream.answer.timings["ttft_s"])
+        prompt_tokens.append(stream.answer.timings.get("prompt_tokens") or 0)
+        started = time.perf_counter()  # baseline: same retrieval and prompt layout, untrimmed chunks, fp32 generate
+        hits = col.search(q, k=4)
+        plan = build_messages(q, sources=hits, rag=True, count=lambda t: 0, truncate=lambda t, k: t, budget=10**9,
+                              source_tokens=10**6, history_turns=0)
+        with torch.inference_mode():
+            pids = torch.tensor([gen.render(plan.messages)])
+            plain.generate(input_ids=pids, attention_mask=torch.ones_like(pids), max_new_tokens=1, do_sample=False,
+                           pad_token_id=tokenizer.pad_token_id)
+        theirs.append(time.perf_counter() - started)
+    line("ttft_p50_s_rag", statistics.median(ours), "s", "<= 1.0", baseline=round(statistics.median(theirs), 4),
+         ragtune=round(statistics.median(ours), 4), ttft_p95_s=round(p(ours, 0.95), 4),
+         prompt_tokens_p50=statistics.median(prompt_tokens), questions=len(questions))
+
+    # 3. adapter switch base -> adapter -> base (adapter loaded once), vs loading it per request
+    gen.load_adapter(adapter)
+    switches = []
+    for _ in range(10):
+        switches.append(gen.switch(adapter) * 1000)
+        switches.append(gen.switch(None) * 1000)
+    from peft import PeftModel
+
+    folder = ws.home / "adapters" / adapter
+    loads = []
+    for _ in range(3):
+        started = time.perf_counter()
+        wrapped = PeftModel.from_pretrained(plain, str(folder))
+        loads.append((time.perf_counter() - started) * 1000)
+        plain = wrapped.unload()  # back to the plain model (removes the LoRA layers)
+    line("adapter_switch_p50_ms", statistics.median(switches), "ms", "<= 50", baseline=round(statistics.median(loads), 2),
+         ragtune=round(statistics.median(switches), 3), baseline_is="PeftModel.from_pretrained per request")
+
+    # 4. eight concurrent asks (rag, and rag+ft for every other one) vs the same eight in sequence
+    eight = [(questions[i % len(questions)], adapter if i % 2 else None) for i in range(8)]
+
+    def ask(q, a):
+        started = time.perf_counter()
+        assistant.answer(q, "rag+ft" if a else "rag", "corvida", a, max_new_tokens=concurrent_tokens, log=False)
+        return time.perf_counter() - started
+
+    started = time.perf_counter()
+    sequential = [ask(q, a) for q, a in eight]
+    sequential_s = time.perf_counter() - started
+    latencies, errors = [], []
+    lock = threading.Lock()
+
+    def worker(q, a):
+        try:
+            value = ask(q, a)
+            with lock:
+                latencies.append(value)
+        except Exception as exc:  # noqa: BLE001 - counted as an error
+            with lock:
+                errors.append(repr(exc))
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=case) for case in eight]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    concurrent_s = time.perf_counter() - started
+    line("concurrent_errors", len(errors), "count", "== 0", errors=errors[:3])
+    line("concurrent_p95_s", p(latencies, 0.95) if latencies else None, "s", None,
+         baseline=round(p(sequential, 0.95), 3), ragtune=round(p(latencies, 0.95), 3) if latencies else None,
+         baseline_is="p95 latency of the same 8 asked one after another")
+    line("concurrent_throughput_qps", len(latencies) / concurrent_s, "answers/s", None,
+         baseline=round(len(eight) / sequential_s, 4), ragtune=round(len(latencies) / concurrent_s, 4))
+    tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""The assistant: ``answer(question, mode, collection, adapter, history)`` in four modes.
+
+- ``base``: the base model alone (closed book);
+- ``rag``: retrieve (hybrid, ``k`` chunks), prompt with numbered sources, cite them as [n];
+- ``ft``: the base model with a LoRA adapter (closed book);
+- ``rag+ft``: the adapter with retrieved sources.
+
+In RAG modes, when the best chunk's cosine similarity to the question is under ``min_similarity``,
+the assistant says it does not know instead of letting the model invent. Every request is checked
+before any work starts; what cannot be done raises :class:`ServingError` with one line saying what to
+do. Every answer is logged (question, mode, collection version, adapter, sources, timings) when a
+:class:`serving.history.ChatStore` is attached.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator, Sequence
+
+from serving.config import MODES, ServeConfig, ServingError
+from serving.generation import GenerationParams, TokenStream
+from serving.prompts import STOP_STRINGS, Turn, build_messages, cited_numbers, dont_know, retrieval_query
+
+
+@dataclass
+class Source:
+    """A retrieved chunk as put into the prompt: number ``n``, its span ``start:end`` in ``doc``."""
+
+    n: int
+    doc: str
+    chunk_id: int
+    text: str
+    start: int
+    end: int
+    score: float
+    similarity: float | None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    cited: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Answer:
+    question: str
+    mode: str
+    text: str
+    collection: str | None = None
+    collection_version: int | None = None
+    adapter: str | None = None
+    base_model: str | None = None
+    retrieval_query: str | None = None
+    sources: list[Source] = field(default_factory=list)  # every chunk in the prompt, numbered
+    hits: list[Any] = field(default_factory=list)  # every retrieved Hit (also those cut by the budget)
+    cited: list[int] = field(default_factory=list)  # source numbers the answer cites, in order
+    refused: bool = False  # True when the assistant said it does not know (retrieval below threshold)
+    timings: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    message_id: int | None = None  # the stored answer's id (for feedback)
+    chat_id: int | None = None
+
+    @property
+    def cited_sources(self) -> list[Source]:
+        by_n = {s.n: s for s in self.sources}
+        return [by_n[n] for n in self.cited if n in by_n]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["hits"] = [h.to_dict() if hasattr(h, "to_dict") else h for h in self.hits]
+        return d
+
+
+class AnswerStream:
+    """Iterate to get the answer's text pieces as they are generated; ``answer`` is complete after.
+
+    Retrieval has happened when this object exists, so ``sources`` can be shown before the first token."""
+
+    def __init__(self, assistant: "Assistant", answer: Answer, tokens: TokenStream | None, started: float,
+                 chat_id: int | None, log: bool) -> None:
+        self.answer = answer
+        self.sources = answer.sources
+        self._assistant = assistant
+        self._tokens = tokens
+        self._started = started
+        self._chat_id = chat_id
+        self._log = log
+        self._pieces = self._run()
+
+    def __iter__(self) -> "AnswerStream":
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def _run(self) -> Iterator[str]:
+        answer, parts = self.answer, []
+        if self._tokens is None:  # refused: the "don't know" text is the whole answer
+            answer.timings["ttft_s"] = round(time.perf_counter() - self._started, 4)
+            parts.append(answer.text)
+            yield answer.text
+        else:
+            for piece in self._tokens:
+                if "ttft_s" not in answer.timings:
+                    answer.timings["ttft_s"] = round(time.perf_counter() - self._started, 4)
+                parts.append(piece)
+                yield piece
+            answer.text = "".join(parts).strip()
+            answer.finish_reason = self._tokens.finish_reason
+            answer.timings["prompt_tokens"] = self._tokens.prompt_tokens
+            answer.timings["completion_tokens"] = self._tokens.completion_tokens
+            rate = self._tokens.decode_tokens_per_s
+            answer.timings["tokens_per_s"] = round(rate, 2) if rate else None
+            answer.cited = cited_numbers(answer.text, len(answer.sources))
+            for s in answer.sources:
+                s.cited = s.n in answer.cited
+        answer.timings["total_s"] = round(time.perf_counter() - self._started, 4)
+        if self._log and self._assistant.store is not None:
+            store = self._assistant.store
+            chat_id = self._chat_id or store.new_chat(answer.question)
+            _, answer.message_id = store.log_exchange(chat_id, answer.question, answer)
+            answer.chat_id = chat_id
+
+    def result(self) -> Answer:
+        """Consume what is left and return the complete answer."""
+        for _ in self:
+            pass
+        return self.answer
+
+
+def normalize_history(history: Sequence[Any] | None) -> list[Turn]:
+    """Accept :class:`Turn`s, ``{"question", "answer"}`` dicts or chat messages (``role``/``content``)."""
+    turns: list[Turn] = []
+    pending: str | None = None
+    for item in history or []:
+        if isinstance(item, Turn):
+            turns.append(item)
+        elif isinstance(item, dict) and "question" in item:
+            turns.append(Turn(str(item["question"]), str(item.get("answer", ""))))
+        elif isinstance(item, dict) and item.get("role") == "user":
+            pending = str(item.get("content", ""))
+        elif isinstance(item, dict) and item.get("role") == "assistant" and pending is not None:
+            turns.append(Turn(pending, str(item.get("content", ""))))
+            pending = None
+    return turns
+
+
+class Assistant:
+    """Answers questions over a workspace's collections with a generator (local or remote)."""
+
+    def __init__(self, workspace: Any, generator: Any, config: ServeConfig | None = None, store: Any = None) -> None:
+        self.workspace = workspace
+        self.generator = generator
+        self.config = config or ServeConfig()
+        self.store = store
+
+    @classmethod
+    def open(cls, home: str | os.PathLike | None = None, config: ServeConfig | None = None, log: bool = True) -> "Assistant":
+        """Workspace + generator + chat store for ``home`` (``$RAGTUNE_HOME`` when None)."""
+        from rag.collection import Workspace
+        from serving.generation import make_generator
+        from serving.history import ChatStore
+
+        config = config or ServeConfig()
+        workspace = Workspace(home)
+        generator = make_generator(config, workspace.home)
+        return cls(workspace, generator, config, ChatStore(workspace.db_path) if log else None)
+
+    def warm_up(self) -> None:
+        """Load the collections' embedders and run the model once, so the first user does not wait for it."""
+        for name in self.workspace.names():
+            try:
+                self.workspace.get(name).search("warm up", k=1)
+            except Exception:  # an empty or broken collection must not stop the app from starting
+                pass
+        if hasattr(self.generator, "render"):
+            "".join(self.generator.stream([{"role": "user", "content": "Hi"}], params=GenerationParams(max_new_tokens=1)))
+
+    # --- checks -------------------------------------------------------------------------------
+    def check(self, question: str, mode: str, collection: str | None, adapter: str | None) -> None:
+        """Raise :class:`ServingError` (one line, says what to do) for a request that cannot be served."""
+        from rag.collection import CollectionError
+
+        if not isinstance(question, str) or not question.strip():
+            raise ServingError("empty question: type a question")
+        limit = self.config.max_question_chars
+        if len(question) > limit:
+            raise ServingError(f"the question is {len(question)} characters, over the limit of {limit}; shorten it "
+                               f"(or raise max_question_chars)")
+        if mode not in MODES:
+            raise ServingError(f"unknown mode {mode!r}; use one of: {', '.join(MODES)}")
+        if mode in ("rag", "rag+ft"):
+            if not collection:
+                names = self.workspace.names()
+                hint = (f"pick one of: {', '.join(names)}" if names else
+                        "index one first: ragtune index PATH --collection NAME")
+                raise ServingError(f"mode {mode} needs a collection to retrieve from; {hint}")
+            try:
+                self.workspace.get(collection)
+            except CollectionError as exc:
+                raise ServingError(str(exc)) from None
+        if mode in ("ft", "rag+ft"):
+            if not adapter:
+                usable = sorted(a["name"] for a in self.generator.available_adapters() if a.get("usable"))
+                hint = (f"pick one of: {', '.join(usable)}" if usable else
+                        "train one first: ragtune tune CONFIG (or use mode rag)")
+                raise ServingError(f"mode {mode} needs an adapter; {hint}")
+            self.generator.check_adapter(adapter)
+        elif adapter:
+            raise ServingError(f"mode {mode} uses no adapter; use mode {'rag+ft' if mode == 'rag' else 'ft'} to answer "
+                               f"with adapter {adapter!r}")
+
+    # --- answering ----------------------------------------------------------------------------
+    def stream(self, question: str, mode: str = "rag", collection: str | None = None, adapter: str | None = None,
+               history: Sequence[Any] | None = None, *, k: int | None = None, chat_id: int | None = None,
+               log: bool = True, max_new_tokens: int | None = None, temperature: float | None = None) -> AnswerStream:
+        """Check, retrieve, build the prompt and start generating; iterate the result for text pieces."""
+        started = time.perf_counter()
+        self.check(question, mode, collection, adapter)
+        cfg = self.config
+        question = question.strip()
+        turns = normalize_history(history)
+        use_adapter = adapter if mode in ("ft", "rag+ft") else None
+        answer = Answer(question=question, mode=mode, text="", adapter=use_adapter,
+                        base_model=getattr(self.generator, "base_id", None),
+                        collection=collection if mode in ("rag", "rag+ft") else None)
+        hits: list[Any] = []
+        if mode in ("rag", "rag+ft"):
+            col = self.workspace.get(collection)
+            answer.collection_version = col.version()
+            answer.retrieval_query = retrieval_query(question, turns)
+            t0 = time.perf_counter()
+            hits = col.search(answer.retrieval_query, k=k or cfg.k, mode=cfg.search_mode)
+            answer.timings["retrieval_ms"] = round((time.perf_counter() - t0) * 1000, 2)
+            answer.hits = hits
+            sims = [h.similarity for h in hits if h.similarity is not None]
+            best = max(sims) if sims else None
+            if not hits or (best is not None and best < cfg.min_similarity):
+                answer.refused = True
+                answer.text = dont_know(collection, best, cfg.min_similarity)
+                answer.sources = [self._source(n, h) for n, h in enumerate(hits, start=1)]
+                return AnswerStream(self, answer, None, started, chat_id, log)
+        params = GenerationParams.from_config(cfg, max_new_tokens=max_new_tokens, temperature=temperature)
+        params.stop = STOP_STRINGS  # small models go on to invent the next "Question:" of the prompt layout
+        window = getattr(self.generator, "context_window", cfg.context_tokens)
+        budget = min(cfg.context_tokens, window) - params.max_new_tokens
+        try:
+            plan = build_messages(question, sources=hits, history=turns, rag=mode in ("rag", "rag+ft"),
+                                  count=self.generator.count_tokens, truncate=self.generator.truncate_tokens,
+                                  budget=budget, source_tokens=cfg.source_tokens, history_turns=cfg.history_turns)
+        except ValueError as exc:
+            raise ServingError(str(exc)) from None
+        answer.notes = plan.notes
+        answer.sources = [self._source(n, h) for n, h in enumerate(hits[:plan.sources_used], start=1)]
+        tokens = self.generator.stream(plan.messages, adapter=use_adapter, params=params)
+        return AnswerStream(self, answer, tokens, started, chat_id, log)
+
+    def answer(self, question: str, mode: str = "rag", collection: str | None = None, adapter: str | None = None,
+               history: Sequence[Any] | None = None, **kwargs: Any) -> Answer:
+        """The complete :class:`Answer` (text, cited sources with spans, all hits, timings)."""
+        return self.stream(question, mode, collection, adapter, history, **kwargs).result()
+
+    @staticmethod
+    def _source(n: int, hit: Any) -> Source:
+        return Source(n, hit.doc, hit.chunk_id, hit.text, hit.start, hit.end, float(hit.score), hit.similarity,
+                      dict(hit.metadata or {}))

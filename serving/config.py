@@ -1,0 +1,60 @@
+"""The serving config: :class:`ServeConfig` (defaults < YAML < ``key=value``, see :mod:`rag.config`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from rag.config import ConfigError, field
+
+Mode = Literal["base", "rag", "ft", "rag+ft"]
+MODES: tuple[str, ...] = ("base", "rag", "ft", "rag+ft")
+
+
+class ServingError(Exception):
+    """A request the assistant cannot carry out; the message is one line that says what to do."""
+
+
+@dataclass
+class ServeConfig:
+    backend: Literal["local", "openai"] = field("local", help="local: load the model in this process; openai: call an OpenAI-compatible server at openai_url")
+    base_model: str = field("smollm2-135m-instruct", help="packaged 'smollm2-135m-instruct', a local HF folder or a hub id (local backend)")
+    openai_url: str = field("http://127.0.0.1:8000/v1", help="base URL of an OpenAI-compatible server (vLLM, llama.cpp server, Ollama, `ragtune serve`)")
+    openai_model: str = field("", help="model name the remote server knows the base model by ('' = ask the server's /v1/models)")
+    openai_api_key: str = field("", help="bearer token for the remote server ('' = $OPENAI_API_KEY or none)")
+    quantize: Literal["auto", "int8", "none"] = field("auto", help="int8: dynamic int8 linear layers (CPU, ~2x faster decoding, slightly different text); auto = int8 on CPU, none on GPU")
+    device: Literal["auto", "cpu", "cuda"] = field("auto", help="where the local model runs")
+    threads: int = field(0, help="CPU threads for torch (0 = leave torch's default)")
+    k: int = field(4, help="retrieved chunks put into the prompt in rag modes")
+    search_mode: Literal["hybrid", "dense", "bm25"] = field("hybrid", help="retrieval: hybrid (dense + BM25 fused), dense or bm25")
+    min_similarity: float = field(0.25, help="if the best retrieved chunk's cosine similarity to the question is below this, say 'I don't know' instead of answering")
+    max_new_tokens: int = field(160, help="longest answer in tokens")
+    temperature: float = field(0.0, help="0 = greedy (reproducible, used for evaluation); > 0 samples")
+    top_p: float = field(1.0, help="nucleus sampling mass (only when temperature > 0)")
+    repetition_penalty: float = field(1.1, help="> 1 discourages repeating tokens (1 = off)")
+    context_tokens: int = field(2048, help="prompt budget in model tokens; sources, then older turns, are cut to fit (see prompts.build_prompt)")
+    source_tokens: int = field(320, help="each retrieved chunk is cut to this many model tokens in the prompt")
+    history_turns: int = field(4, help="previous question/answer pairs passed to the model (newest kept first)")
+    max_question_chars: int = field(2000, help="longer questions are refused with a message")
+    seed: int = field(0, help="sampling seed (temperature > 0)")
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or self.k > 20:
+            raise ConfigError(f"k: {self.k} is out of range; use 1-20 (example: k=4)")
+        if self.max_new_tokens < 1:
+            raise ConfigError("max_new_tokens: must be >= 1 (example: max_new_tokens=160)")
+        if self.temperature < 0:
+            raise ConfigError("temperature: must be >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError("top_p: must be in (0, 1] (example: top_p=0.9)")
+        if self.repetition_penalty <= 0:
+            raise ConfigError("repetition_penalty: must be > 0 (1 = off)")
+        if self.context_tokens < 256:
+            raise ConfigError("context_tokens: must be >= 256 (example: context_tokens=2048)")
+        if self.source_tokens < 32:
+            raise ConfigError("source_tokens: must be >= 32")
+        if self.history_turns < 0 or self.max_question_chars < 1:
+            raise ConfigError("history_turns must be >= 0 and max_question_chars >= 1")
+
+
+__all__ = ["ServeConfig", "ServingError", "ConfigError", "Mode", "MODES"]

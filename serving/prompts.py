@@ -1,0 +1,138 @@
+"""Prompts for the four modes, the context budget, follow-up retrieval and citation parsing.
+
+The RAG user message has the shape ``<numbered sources>\\n\\nQuestion: <question>``: the same shape as
+``tuning.data`` renders ``{question, answer, context}`` rows (RAFT examples), so an adapter trained on
+those sees at serving time the layout it was trained on (the ``rag+ft`` mode).
+
+The budget rule (``build_messages``): the prompt may use ``min(context_tokens, model window) -
+max_new_tokens`` tokens. The system message and the question always go in (a question that alone
+does not fit is refused). Then sources, best first, each cut to ``source_tokens``; a source that
+no longer fits is dropped with all lower-ranked ones. Then previous turns, newest first, at most
+``history_turns`` of them; the first turn that no longer fits is dropped with all older ones.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+SYSTEM_PLAIN = "You are a helpful assistant. Answer the user's question briefly and accurately."
+SYSTEM_RAG = ("You are a helpful assistant. Answer the question using only the numbered sources. "
+              "Cite the sources you use like [1]. If the sources do not contain the answer, say you do not know.")
+STOP_STRINGS = ("\nQuestion:", "\nSources:", "<|im_start|>", "<|im_end|>")
+MESSAGE_OVERHEAD_TOKENS = 6  # role markers and separators the chat template adds per message
+
+# Words that make a question lean on the previous turn ("and how long does that take?").
+_REFERRING = frozenset("it its it's that this these those they them their there he she his her one ones such "
+                       "same former latter also then".split())
+_FOLLOW_UP_OPENERS = ("and ", "what about", "how about", "also", "but ", "so ", "then ")
+_CONTENT_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'-]*")
+_CITATION = re.compile(r"\[(\s*\d+(?:\s*[,;]\s*\d+)*\s*)\]")
+_STOPWORDS = frozenset("a an the is are was were be do does did of to in on at for and or with how what when where "
+                       "which who why long much many take takes".split())
+
+
+@dataclass
+class Turn:
+    """One previous exchange of a conversation."""
+
+    question: str
+    answer: str
+
+
+@dataclass
+class PromptPlan:
+    messages: list[dict[str, str]]
+    sources_used: int  # how many of the given sources made it into the prompt
+    turns_used: int
+    prompt_tokens: int
+    notes: list[str] = field(default_factory=list)  # what was cut, for the UI and the log
+
+
+def is_follow_up(question: str) -> bool:
+    """A question that refers back (pronoun, 'and ...', or too few content words to stand alone)."""
+    q = question.strip().lower()
+    words = _CONTENT_WORD.findall(q)
+    if q.startswith(_FOLLOW_UP_OPENERS):
+        return True
+    if any(w in _REFERRING for w in words):
+        return True
+    return len([w for w in words if w not in _STOPWORDS]) <= 1
+
+
+def retrieval_query(question: str, history: Sequence[Turn]) -> str:
+    """What to search for: the question alone, or, for a follow-up, the previous question + this one.
+
+    A 135M model rewrites follow-ups unreliably, so the rewrite is this stated rule: a follow-up
+    (see :func:`is_follow_up`) is searched together with the last user question, which carries the
+    subject the pronoun refers to. The model itself still sees the turns in its messages."""
+    if history and is_follow_up(question):
+        return f"{history[-1].question.strip()} {question.strip()}"
+    return question.strip()
+
+
+def format_source(n: int, doc: str, text: str, section: str | None = None) -> str:
+    where = f"{doc} - {section}" if section else doc
+    return f"[{n}] ({where})\n{' '.join(text.split())}"
+
+
+def build_messages(question: str, *, sources: Sequence[Any] = (), history: Sequence[Turn] = (), rag: bool,
+                   count: Callable[[str], int], truncate: Callable[[str, int], str], budget: int,
+                   source_tokens: int, history_turns: int) -> PromptPlan:
+    """Messages for one request under the budget rule in the module docstring.
+
+    ``sources`` are :class:`rag.search.Hit`-like objects (``doc``, ``text``, ``metadata``), best first."""
+    system = SYSTEM_RAG if rag else SYSTEM_PLAIN
+    question = question.strip()
+    used = count(system) + MESSAGE_OVERHEAD_TOKENS * 2 + count("Question: " + question)
+    if used > budget:
+        raise ValueError(f"the question alone needs about {used} tokens, over the {budget}-token prompt budget; shorten it")
+    notes: list[str] = []
+    blocks: list[str] = []
+    if rag:
+        for n, hit in enumerate(sources, start=1):
+            text = truncate(hit.text, source_tokens)
+            block = format_source(n, hit.doc, text, (hit.metadata or {}).get("section"))
+            cost = count(block) + 2
+            if used + cost > budget:
+                notes.append(f"sources {n}-{len(sources)} left out: over the prompt budget")
+                break
+            if text != hit.text:
+                notes.append(f"source {n} cut to {source_tokens} tokens")
+            blocks.append(block)
+            used += cost
+    turns: list[dict[str, str]] = []
+    kept = 0
+    for turn in list(reversed(history))[:history_turns]:
+        cost = count(turn.question) + count(turn.answer) + MESSAGE_OVERHEAD_TOKENS * 2
+        if used + cost > budget:
+            notes.append(f"{len(history) - kept} older turn(s) left out: over the prompt budget")
+            break
+        turns[:0] = [{"role": "user", "content": turn.question}, {"role": "assistant", "content": turn.answer}]
+        used += cost
+        kept += 1
+    else:
+        if len(history) > history_turns:
+            notes.append(f"{len(history) - history_turns} older turn(s) left out (history_turns={history_turns})")
+    user = ("Sources:\n" + "\n\n".join(blocks) + f"\n\nQuestion: {question}") if rag else question
+    messages = [{"role": "system", "content": system}, *turns, {"role": "user", "content": user}]
+    return PromptPlan(messages, len(blocks), kept, used, notes)
+
+
+def cited_numbers(answer: str, n_sources: int) -> list[int]:
+    """Source numbers the answer cites as [n] or [n, m], in order of first mention, within 1..n_sources."""
+    seen: list[int] = []
+    for group in _CITATION.findall(answer):
+        for part in re.split(r"[,;]", group):
+            n = int(part.strip())
+            if 1 <= n <= n_sources and n not in seen:
+                seen.append(n)
+    return seen
+
+
+def dont_know(collection: str, best: float | None, threshold: float) -> str:
+    if best is None:
+        return f"I don't know: nothing in the collection '{collection}' matches this question."
+    return (f"I don't know: nothing in the collection '{collection}' is close enough to this question "
+            f"(best match similarity {best:.2f}, below {threshold:.2f}).")

@@ -1,0 +1,250 @@
+"""Serving: generation with hot-switched adapters, the assistant's four modes, storage, the OpenAI server
+and client, concurrency and the CLI, on the real packaged model (tiny max_new_tokens)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from serving.config import ServingError
+
+WARRANTY_Q = "How long is the warranty on HX heat pumps registered after July 2025?"
+FLOW_Q = "What is the minimum water flow for the HX-14 according to the service bulletin?"
+TRAVEL_Q = "Under what trip distance must staff travel by rail?"
+ERROR_Q = "What does error code E07 mean on an HX heat pump?"
+CHAT = [{"role": "user", "content": "Name a colour."}]
+
+
+# --- units (no model) -------------------------------------------------------------------------
+
+def test_stop_string_buffer_holds_back_partial_stops():
+    from serving.generation import StopStringBuffer
+
+    buf = StopStringBuffer(("\nQuestion:",))
+    out = [buf.feed("Seven years."), buf.feed("Seven years.\nQues"), buf.feed("Seven years.\nQuestion: and")]
+    assert "".join(out) == "Seven years." and buf.stopped
+    buf = StopStringBuffer(("\nQuestion:",))
+    assert buf.feed("A\nQu") == "A" and buf.flush("A\nQu") == "\nQu"  # not a stop after all: released at the end
+
+
+def test_prompt_budget_rule_and_citations():
+    from serving.prompts import Turn, build_messages, cited_numbers, is_follow_up, retrieval_query
+
+    count = lambda text: len(text.split())  # noqa: E731  (a word counts as a token here)
+    truncate = lambda text, n: " ".join(text.split()[:n])  # noqa: E731
+    hits = [SimpleNamespace(doc=f"d{i}.md", text="word " * 50, metadata={}) for i in range(4)]
+    history = [Turn(f"question {i}", "answer " * 5) for i in range(5)]
+    plan = build_messages("How long?", sources=hits, history=history, rag=True, count=count, truncate=truncate,
+                          budget=200, source_tokens=40, history_turns=3)
+    assert plan.sources_used == 3 and "sources 4-4 left out" in plan.notes[-2]  # best sources first, then cut
+    assert plan.turns_used == 1  # newest turn kept, older ones dropped by the budget
+    assert plan.messages[-1]["content"].startswith("Sources:\n[1] (d0.md)") and plan.messages[-1]["content"].endswith("Question: How long?")
+    assert plan.messages[1]["content"] == "question 4"
+    with pytest.raises(ValueError, match="prompt budget"):
+        build_messages("long " * 300, rag=False, count=count, truncate=truncate, budget=100, source_tokens=40, history_turns=2)
+    assert cited_numbers("Seven years [2], see also [1, 3] and [9].", 3) == [2, 1, 3]
+    assert is_follow_up("and how long does that take?") and not is_follow_up("How long is the HX-9 warranty?")
+    assert retrieval_query("and how long does that take?", [Turn("How do I register an HX unit?", "Online.")]) == \
+        "How do I register an HX unit? and how long does that take?"
+
+
+def test_serving_migrations_feedback_and_runs_on_memory():
+    from serving.history import MIGRATIONS, ChatStore
+
+    store = ChatStore(":memory:")
+    tables = {r[0] for r in store.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"chats", "messages", "feedback", "tuning_runs", "collections"} <= tables
+    assert store.conn.execute("SELECT COUNT(*) FROM _migrations WHERE namespace = 'serving'").fetchone()[0] == len(MIGRATIONS)
+    answer = SimpleNamespace(mode="rag", collection="c", collection_version=3, adapter=None, base_model="b", text="Seven years [1].",
+                             retrieval_query="q", sources=[], cited=[1], timings={"total_s": 1.5}, refused=False)
+    chat = store.new_chat("warranty")
+    _, answer_id = store.log_exchange(chat, "How long?", answer)
+    store.set_feedback(answer_id, 1)
+    store.set_feedback(answer_id, -1)  # a second vote replaces the first
+    assert store.messages(chat)[1]["vote"] == -1 and store.messages(chat)[1]["collection_version"] == 3
+    assert store.feedback_summary() == [{"mode": "rag", "adapter": "", "up": 0, "down": 1}]
+    with pytest.raises(ValueError, match="no answer"):
+        store.set_feedback(answer_id - 1, 1)  # the question, not an answer
+    run = store.add_run("demo", "c.yaml", [], 123, "out.txt")
+    store.finish_run(run, "done", 0)
+    assert store.run(run)["status"] == "done"
+    with pytest.raises(sqlite3.IntegrityError):
+        store.conn.execute("INSERT INTO feedback (message_id, vote, created_at) VALUES (?, 5, 0)", (answer_id,))
+
+
+# --- generation -------------------------------------------------------------------------------
+
+def test_generator_streams_stops_and_switches_adapters(serving_generator):
+    from serving.generation import GenerationParams
+
+    gen = serving_generator
+    params = GenerationParams(max_new_tokens=6)
+    stream = gen.stream(CHAT, params=params)
+    pieces = list(stream)
+    base = "".join(pieces)
+    assert pieces and base and stream.completion_tokens <= 6 and stream.finish_reason in ("stop", "length")
+    assert stream.first_token_s is not None and stream.prompt_tokens > 5
+    alpha = gen.stream(CHAT, adapter="alpha", params=params).text()
+    assert alpha != base  # the adapter is applied
+    assert gen.stream(CHAT, params=params).text() == base  # and switched off again: the base is untouched
+    assert gen.stream(CHAT, adapter="alpha", params=params).text() == alpha
+    assert gen.switch("beta") < 0.5 and gen.switch(None) < 0.5
+    assert sorted(gen.loaded_adapters()) == ["alpha", "beta"]
+    # stop strings are cut from the text
+    first_word = base.split()[0] if base.split() else base
+    stopped = gen.stream(CHAT, params=GenerationParams(max_new_tokens=6, stop=(first_word,))).text()
+    assert first_word not in stopped and stopped == base[: base.index(first_word)]
+
+
+def test_generator_refuses_bad_adapters(serving_generator):
+    with pytest.raises(ServingError, match="no adapter named 'nope'"):
+        serving_generator.stream(CHAT, adapter="nope")
+    with pytest.raises(ServingError, match="was trained on HuggingFaceTB/SmolLM2-360M-Instruct.*retrain"):
+        serving_generator.stream(CHAT, adapter="foreign")
+    usable = {a["name"]: a["usable"] for a in serving_generator.available_adapters()}
+    assert usable == {"alpha": True, "beta": True, "foreign": False}
+
+
+# --- the assistant ----------------------------------------------------------------------------
+
+def test_rag_answer_has_sources_with_spans_timings_and_is_logged(serving_assistant):
+    a = serving_assistant
+    answer = a.answer(WARRANTY_Q, "rag", "corvida")
+    assert answer.text and not answer.refused and answer.collection_version >= 1
+    assert len(answer.sources) == 4 and answer.sources[0].n == 1
+    col = a.workspace.get("corvida")
+    assert any("warranty" in s.doc for s in answer.sources)
+    for s in answer.sources:  # spans point into the stored document text
+        assert col.document_text(s.doc)[s.start:s.end].split()[:5] == s.text.split()[:5]
+    t = answer.timings
+    assert t["retrieval_ms"] > 0 and t["ttft_s"] > 0 and t["total_s"] >= t["ttft_s"] and t["prompt_tokens"] > 200
+    stored = a.store.messages(answer.chat_id)
+    assert stored[1]["id"] == answer.message_id and stored[1]["mode"] == "rag" and stored[1]["collection"] == "corvida"
+    assert stored[1]["collection_version"] == answer.collection_version and len(stored[1]["sources"]) == 4
+
+
+def test_unrelated_question_gets_dont_know(serving_assistant):
+    answer = serving_assistant.answer("Who painted the Mona Lisa in Florence?", "rag", "corvida")
+    assert answer.refused and answer.text.startswith("I don't know") and "similarity" in answer.text
+
+
+def test_ft_modes_and_follow_up(serving_assistant):
+    a = serving_assistant
+    ft = a.answer("Name a colour.", "ft", adapter="alpha")
+    base = a.answer("Name a colour.", "base")
+    assert ft.adapter == "alpha" and not ft.sources and ft.text != base.text
+    both = a.answer(FLOW_Q, "rag+ft", "corvida", "beta")
+    assert both.adapter == "beta" and any("minimum-flow" in s.doc for s in both.sources)
+    follow = a.answer("and how long does that take?", "rag", "corvida",
+                      history=[{"role": "user", "content": WARRANTY_Q}, {"role": "assistant", "content": "Seven years."}])
+    assert follow.retrieval_query.startswith(WARRANTY_Q) and any("warranty" in s.doc for s in follow.sources)
+
+
+@pytest.mark.parametrize("question, mode, collection, adapter, message", [
+    ("  ", "rag", "corvida", None, "empty question"),
+    ("x" * 2500, "rag", "corvida", None, "over the limit of 2000"),
+    ("q", "magic", None, None, "unknown mode 'magic'"),
+    ("q", "rag", None, None, "needs a collection.*corvida"),
+    ("q", "rag", "nope", None, "no collection named 'nope'"),
+    ("q", "ft", None, None, "needs an adapter; pick one of: alpha, beta"),
+    ("q", "rag+ft", "corvida", "foreign", "trained on HuggingFaceTB"),
+    ("q", "rag", "corvida", "alpha", "uses no adapter; use mode rag\\+ft"),
+])
+def test_bad_requests_get_one_line_messages(serving_assistant, question, mode, collection, adapter, message):
+    with pytest.raises(ServingError, match=message) as info:
+        serving_assistant.stream(question, mode, collection, adapter)
+    assert "\n" not in str(info.value)
+
+
+def test_concurrent_sessions_with_different_adapters_get_their_own_answers(serving_assistant):
+    a = serving_assistant
+    cases = [(WARRANTY_Q, "alpha"), (FLOW_Q, "beta"), (TRAVEL_Q, None), (ERROR_Q, "alpha")]
+    expected = {}
+    for q, adapter in cases:  # answered one at a time first
+        ans = a.answer(q, "rag+ft" if adapter else "rag", "corvida", adapter, log=False)
+        expected[q] = (ans.text, [s.chunk_id for s in ans.sources])
+    results, errors = {}, []
+    barrier = threading.Barrier(len(cases))
+
+    def ask(q, adapter):
+        try:
+            barrier.wait()
+            ans = a.answer(q, "rag+ft" if adapter else "rag", "corvida", adapter, log=False)
+            results[q] = (ans.text, [s.chunk_id for s in ans.sources])
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=ask, args=case) for case in cases]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors
+    assert results == expected  # same sources and the same greedy text as alone: no adapter or cache leaked
+    assert len({tuple(v[1]) for v in results.values()}) == 4
+
+
+# --- OpenAI-compatible server and client --------------------------------------------------------
+
+def test_openai_server_and_client_backend(serving_generator, serving_assistant):
+    from serving.assistant import Assistant
+    from serving.generation import GenerationParams, OpenAIGenerator
+    from serving.openai_server import serve_in_thread
+
+    server, url = serve_in_thread(serving_generator)
+    try:
+        client = OpenAIGenerator(url)
+        assert client.base_id == serving_generator.base_id
+        assert sorted(a["name"] for a in client.available_adapters()) == ["alpha", "beta"]
+        params = GenerationParams(max_new_tokens=6)
+        for adapter in (None, "alpha"):
+            remote = client.stream(CHAT, adapter=adapter, params=params)
+            text = remote.text()
+            assert text == serving_generator.stream(CHAT, adapter=adapter, params=params).text()
+            assert remote.finish_reason in ("stop", "length") and remote.completion_tokens >= 1
+        assert client.stream_prompt("The capital of France is", params=params).text()
+        with pytest.raises(ServingError, match="model 'foreign'.*trained on"):
+            client.stream(CHAT, adapter="foreign")
+        remote_assistant = Assistant(serving_assistant.workspace, client, serving_assistant.config)
+        answer = remote_assistant.answer(FLOW_Q, "rag+ft", "corvida", "beta")
+        assert answer.text and any("minimum-flow" in s.doc for s in answer.sources)
+        # non-streamed responses and errors are OpenAI-shaped
+        import urllib.request
+
+        body = json.dumps({"model": "alpha", "messages": CHAT, "max_tokens": 3}).encode()
+        reply = json.loads(urllib.request.urlopen(urllib.request.Request(url + "/chat/completions", body)).read())
+        assert reply["object"] == "chat.completion" and reply["usage"]["completion_tokens"] <= 3
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(urllib.request.Request(url + "/chat/completions", b'{"messages": []}'))
+        assert info.value.code == 400 and "messages" in json.loads(info.value.read())["error"]["message"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(ServingError, match="cannot reach the model server"):
+        OpenAIGenerator(url)
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+def test_cli_ask_json_and_errors(serving_home, monkeypatch, capsys):
+    from serving.cli import main
+
+    monkeypatch.setenv("RAGTUNE_HOME", str(serving_home))
+    with pytest.raises(SystemExit) as info:
+        main(["ask", ERROR_Q, "--collection", "corvida", "--max-new-tokens", "4", "--json", "--set", "k=2"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0
+    data = json.loads(out)
+    assert data["mode"] == "rag" and len(data["sources"]) == 2 and "ttft_s" in data["timings"]
+    with pytest.raises(SystemExit) as info:
+        main(["ask", " ", "--collection", "corvida"])
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and err.strip() == "error: empty question: type a question"
+    with pytest.raises(SystemExit) as info:
+        main(["ask", "q", "--mode", "ft", "--set", "k=2"])
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and "needs an adapter" in err and "Traceback" not in err
