@@ -32,17 +32,22 @@ browser:
 	  echo "chromium not installed: the browser test will be skipped"; }
 
 demo: install
-	RAGTUNE_HOME=$(DEMO_HOME) $(BIN)/ragtune index corpora/corvida/docs --collection corvida --sync
-	RAGTUNE_HOME=$(DEMO_HOME) $(BIN)/ragtune search "How long is the warranty on an HX heat pump?" --collection corvida -k 3
+	RAGTUNE_HOME=$(DEMO_HOME) $(BIN)/ragtune index corpora/corvida/docs --collection corvida --chunk-tokens 128 --sync
+	RAGTUNE_HOME=$(DEMO_HOME) $(BIN)/streamlit run streamlit_app.py --server.headless true --server.port $(PORT) \
+	  --browser.gatherUsageStats false
 
 test: install browser
 	$(BIN)/python -m pytest -q
 
 bench: install
 	$(BIN)/python bench/index_bench.py
+	$(BIN)/python bench/tune_bench.py
+	$(BIN)/python bench/serve_bench.py
 
 bench-quick: install
 	$(BIN)/python bench/index_bench.py --quick
+	$(BIN)/python bench/tune_bench.py --quick
+	$(BIN)/python bench/serve_bench.py --quick
 
 clean:
 	rm -rf $(VENV) $(DEMO_HOME)

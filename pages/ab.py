@@ -89,7 +89,7 @@ with arena_tab:
                                 placeholder="none yet")
     a_adapter = c2.selectbox("Adapter", adapters, index=0 if adapters else None, key="arena_adapter", placeholder="none yet")
     with st.form("arena-ask", clear_on_submit=True):
-        question = st.text_input("Question", placeholder=webapp.DEMO_QUESTION)
+        question = st.text_input("Question", placeholder=webapp.DEMO_QUESTION, key="arena_question")
         asked = st.form_submit_button("Ask both")
     if asked:
         try:

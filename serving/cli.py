@@ -38,9 +38,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from rag.embeddings import EmbeddingModelError
 
     from serving.ab.importer import SquadImportError
+    from serving.config import ServingError
     from tuning.errors import TuningError
 
-    return (CollectionError, ConfigError, DocumentError, EmbeddingModelError, TuningError, SquadImportError)
+    return (CollectionError, ConfigError, DocumentError, EmbeddingModelError, TuningError, SquadImportError, ServingError)
 
 
 def fail(message: str, code: int = EXIT_USER_ERROR) -> None:

@@ -17,9 +17,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-SYSTEM_PLAIN = "You are a helpful assistant. Answer the user's question briefly and accurately."
-SYSTEM_RAG = ("You are a helpful assistant. Answer the question using only the numbered sources. "
-              "Cite the sources you use like [1]. If the sources do not contain the answer, say you do not know.")
+from tuning.raft import SYSTEM_PLAIN, SYSTEM_RAG, format_source  # the layout RAFT adapters are trained on
+
 STOP_STRINGS = ("\nQuestion:", "\nSources:", "<|im_start|>", "<|im_end|>")
 MESSAGE_OVERHEAD_TOKENS = 6  # role markers and separators the chat template adds per message
 
@@ -70,11 +69,6 @@ def retrieval_query(question: str, history: Sequence[Turn]) -> str:
     if history and is_follow_up(question):
         return f"{history[-1].question.strip()} {question.strip()}"
     return question.strip()
-
-
-def format_source(n: int, doc: str, text: str, section: str | None = None) -> str:
-    where = f"{doc} - {section}" if section else doc
-    return f"[{n}] ({where})\n{' '.join(text.split())}"
 
 
 def build_messages(question: str, *, sources: Sequence[Any] = (), history: Sequence[Turn] = (), rag: bool,

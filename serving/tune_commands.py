@@ -131,6 +131,7 @@ def data_raft(
     distractors: int = typer.Option(3, "--distractors", help="distractor chunks per row (top hits that are not the oracle)"),
     test_share: float = typer.Option(0.0, "--test-share", help="share of source documents held out as the test split"),
     seed: int = typer.Option(42, "--seed", help="seed for shuffling and splits"),
+    exclude_docs_from: List[Path] = typer.Option([], "--exclude-docs-from", help="question file whose documents are never used as distractors (e.g. a held-out unseen set); repeatable"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
     home: Optional[str] = _HOME,
 ) -> None:
@@ -140,7 +141,8 @@ def data_raft(
     """
     from tuning.raft import write_raft
 
-    report = write_raft(home, collection, questions, out, distractors, no_oracle_share, test_share, seed)
+    report = write_raft(home, collection, questions, out, distractors, no_oracle_share, test_share, seed,
+                        exclude_docs_from=exclude_docs_from)
     if as_json:
         _emit(report.to_dict())
         return

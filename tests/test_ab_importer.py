@@ -52,6 +52,8 @@ def test_import_builds_collection_split_by_document_and_raft(home, tmp_path):
     raft = [json.loads(l) for l in (out / "raft_train.jsonl").read_text().splitlines()]
     assert raft and all("Sources:" in r["context"] and r["question"] for r in raft)
     assert any("[" in r["answer"] and "Evidence" in r["answer"] for r in raft)
+    held_out = {q["doc"] for q in test}
+    assert all(s["doc"] not in held_out for r in raft for s in r["sources"])  # not even as distractors
 
 
 def test_a_file_that_is_not_squad_is_refused_with_the_shape(home, tmp_path):

@@ -110,3 +110,26 @@ def test_view_helpers(tmp_path):
             {"event": "train", "step": 4, "loss": 1.2}]
     assert loss_curve(rows) == {"loss": {2: 1.5, 4: 1.2}, "eval_loss": {2: 1.7}}
     assert json.loads(json.dumps(loss_curve(rows)))  # chartable
+
+
+def test_ab_page_arena_vote_reveals_arms_and_updates_the_leaderboard(app_env):
+    from serving.ab.runs import ABStore
+
+    at = _app().run()
+    at.switch_page("pages/ab.py").run()
+    assert not at.exception
+    assert at.selectbox(key="arena_collection").value == "corvida"
+    at.text_input(key="arena_question").set_value("When is the Vexa-7 gasket replaced?")
+    next(b for b in at.button if b.label == "Ask both").click().run()
+    assert not at.exception
+    votes = [b for b in at.button if b.key and b.key.startswith("vote_")]
+    assert {b.key for b in votes} == {"vote_a", "vote_b", "vote_tie", "vote_both_bad"}
+    assert not any("A was" in s.value for s in at.success)  # arms stay hidden before the vote
+    next(b for b in votes if b.key == "vote_a").click().run()
+    assert not at.exception
+    revealed = [s.value for s in at.success if "A was" in s.value]
+    assert revealed
+    stored = ABStore(app_env / "ragtune.db").votes()
+    assert len(stored) == 1 and stored[0][2] == "a" and stored[0][0] != stored[0][1]
+    assert f"`{stored[0][0]}`" in revealed[0] and f"`{stored[0][1]}`" in revealed[0]
+    assert any("Leaderboard (1 votes" in h.value for h in at.subheader)

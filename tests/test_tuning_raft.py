@@ -10,7 +10,7 @@ import pytest
 from conftest import write_jsonl
 from rag.collection import IndexConfig, Workspace
 from tuning.errors import RaftError
-from tuning.raft import build_raft
+from tuning.raft import SYSTEM_RAG, build_raft
 
 FACTS = {
     "hx.md": ["The HX-9 heat pump delivers 9 kW of heating.", "The warranty on HX units lasts seven years.",
@@ -62,7 +62,7 @@ def test_rows_hold_oracle_and_hard_negatives_with_cited_answers(raft_setup):
             cited = int(row["answer"].split("Evidence [", 1)[1].split("]", 1)[0])
             assert cited in oracle_docs and f"[{cited}]" in row["answer"].split("\n")[0]
             quoted = row["answer"].split('"')[1]
-            source_text = row["context"].split(f"[{cited}] ({q['doc']}) ", 1)[1]
+            source_text = row["context"].split(f"[{cited}] ({q['doc']}", 1)[1].split("\n", 1)[1]
             assert quoted in source_text and quoted == q["answer"]
         else:
             assert row["answer"] == q["answer"]  # memorise when retrieval misses (RAFT); no citation
@@ -108,4 +108,15 @@ def test_cli_writes_train_and_test_files(raft_setup, tmp_path):
     # the rows are the qa shape ragtune tune reads
     from tuning.data import load_records
 
-    assert load_records(out, "raft")[0].messages[0]["content"].startswith("Sources:\n[1]")
+    messages = load_records(out, "raft")[0].messages
+    assert messages[0] == {"role": "system", "content": SYSTEM_RAG}  # the system prompt serving's rag modes use
+    assert messages[1]["content"].startswith("Sources:\n[1]")
+
+
+def test_excluded_documents_are_never_distractors(raft_setup):
+    col, questions, _ = raft_setup
+    answerable = [q for q in questions if q["doc"]]
+    banned = {q["doc"] for q in answerable[:1]}
+    others = [q for q in answerable if q["doc"] not in banned]
+    train, _, _ = build_raft(col, others, distractors=3, no_oracle_share=0.0, seed=2, exclude_docs=banned)
+    assert train and all(s["doc"] not in banned for row in train for s in row["sources"])

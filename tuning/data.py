@@ -4,7 +4,7 @@ Record shapes (detected per file from its first row, or declared with ``data_for
 
 - ``{"instruction", "input"?, "output"}``
 - ``{"messages": [{"role": "system"|"user"|"assistant", "content"}...]}``
-- ``{"question", "answer", "context"?}`` (RAFT rows are this shape)
+- ``{"question", "answer", "context"?, "system"?}`` (RAFT rows are this shape)
 - ``{"text", "label"}`` for classification
 
 Rendering uses the tokenizer's chat template. The template is rendered turn by turn and tokenized in
@@ -151,6 +151,7 @@ def validate_row(row: Any, fmt: str, where: str, errors: list[str]) -> None:
         _check_str(where, row, "question", True, errors, fix)
         _check_str(where, row, "answer", True, errors, fix)
         _check_str(where, row, "context", False, errors, fix)
+        _check_str(where, row, "system", False, errors, fix)
     elif fmt == "classification":
         _check_str(where, row, "text", True, errors, fix)
         label = row.get("label")
@@ -185,6 +186,8 @@ def to_messages(row: dict, fmt: str, system_prompt: str | None = None) -> list[d
         if row.get("context") and row["context"].strip():
             user = f"{row['context'].strip()}\n\nQuestion: {user}"
         msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": row["answer"].strip()}]
+        if row.get("system") and row["system"].strip():  # RAFT rows carry the RAG system prompt they are served with
+            msgs.insert(0, {"role": "system", "content": row["system"].strip()})
     else:
         raise DataError(f"format {fmt!r} has no chat rendering; classification rows need task: classification")
     if system_prompt and msgs[0]["role"] != "system":

@@ -64,13 +64,31 @@ def _oracle_chunk(col, doc: str, span: tuple[int, int]):
     return best
 
 
+# The prompt layout RAFT rows are trained on and serving's rag modes answer with (serving.prompts
+# imports these), so an adapter sees at serving time exactly the layout it learned.
+SYSTEM_PLAIN = "You are a helpful assistant. Answer the user's question briefly and accurately."
+SYSTEM_RAG = ("You are a helpful assistant. Answer the question using only the numbered sources. "
+              "Cite the sources you use like [1]. If the sources do not contain the answer, say you do not know.")
+
+
+def format_source(n: int, doc: str, text: str, section: str | None = None) -> str:
+    where = f"{doc} - {section}" if section else doc
+    return f"[{n}] ({where})\n{' '.join(text.split())}"
+
+
 def format_context(sources: list[dict]) -> str:
-    return "Sources:\n" + "\n\n".join(f"[{i}] ({s['doc']}) {s['text'].strip()}" for i, s in enumerate(sources, 1))
+    return "Sources:\n" + "\n\n".join(format_source(i, s["doc"], s["text"], s.get("section"))
+                                         for i, s in enumerate(sources, 1))
 
 
 def build_raft(col, questions: list[dict], distractors: int = 3, no_oracle_share: float = 0.2,
-               test_share: float = 0.0, seed: int = 42, search_mode: str = "hybrid") -> tuple[list[dict], list[dict], RaftReport]:
-    """(train rows, test rows, report) for ``questions`` over collection ``col``."""
+               test_share: float = 0.0, seed: int = 42, search_mode: str = "hybrid",
+               exclude_docs: set[str] | frozenset[str] = frozenset()) -> tuple[list[dict], list[dict], RaftReport]:
+    """(train rows, test rows, report) for ``questions`` over collection ``col``.
+
+    ``exclude_docs``: documents never used as distractors (e.g. those of a held-out "unseen" set, so
+    no training row shows their text)."""
+    exclude = set(exclude_docs)
     if not 0.0 <= no_oracle_share <= 1.0:
         raise RaftError("--no-oracle-share must be between 0 and 1 (example: --no-oracle-share 0.2)")
     if not 0.0 <= test_share < 1.0:
@@ -114,25 +132,28 @@ def build_raft(col, questions: list[dict], distractors: int = 3, no_oracle_share
             if oracle is None or not quote or quote not in oracle.text:
                 report.rejected_quote += 1  # the cited evidence must be verbatim in the oracle
                 continue
-            oracles.append({"chunk_id": oracle.id, "doc": doc, "text": oracle.text})
+            oracles.append({"chunk_id": oracle.id, "doc": doc, "text": oracle.text,
+                            "section": oracle.metadata.get("section")})
             for extra in q.get("also") or []:  # multihop: the second document's chunk is an oracle too
                 d2 = _find_doc(col, extra.get("doc") or "", known)
                 if d2 and extra.get("span"):
                     c2 = _oracle_chunk(col, d2, tuple(extra["span"]))
                     if c2 is not None and c2.id != oracle.id:
-                        oracles.append({"chunk_id": c2.id, "doc": d2, "text": c2.text})
+                        oracles.append({"chunk_id": c2.id, "doc": d2, "text": c2.text, "section": c2.metadata.get("section")})
         oracle_ids = {o["chunk_id"] for o in oracles}
         use_oracle = bool(oracles) and i not in no_oracle
         wanted = distractors + (0 if use_oracle else len(oracles) or 1)
-        hits = col.search(question, k=wanted + len(oracle_ids) + 2, mode=search_mode)
-        negatives = [{"chunk_id": h.chunk_id, "doc": h.doc, "text": h.text} for h in hits if h.chunk_id not in oracle_ids][:wanted]
+        hits = col.search(question, k=wanted + len(oracle_ids) + 2 + (8 if exclude else 0), mode=search_mode)
+        negatives = [{"chunk_id": h.chunk_id, "doc": h.doc, "text": h.text, "section": h.metadata.get("section")}
+                     for h in hits if h.chunk_id not in oracle_ids and h.doc not in exclude][:wanted]
         sources = (oracles if use_oracle else []) + negatives
         rng.shuffle(sources)
         if use_oracle:
             numbers = sorted(sources.index(o) + 1 for o in oracles)
             primary = sources.index(oracles[0]) + 1
             cites = "".join(f"[{n}]" for n in numbers)
-            target = f"{answer} {cites}\n\nEvidence [{primary}]: \"{quote}\""
+            # the quote as it reads in the prompt (format_source flattens whitespace)
+            target = f"{answer} {cites}\n\nEvidence [{primary}]: \"{' '.join(quote.split())}\""
             if quote not in sources[primary - 1]["text"]:  # the check, on the final numbering
                 report.rejected_quote += 1
                 continue
@@ -143,7 +164,8 @@ def build_raft(col, questions: list[dict], distractors: int = 3, no_oracle_share
                 report.without_oracle += 1
             else:
                 report.unanswerable += 1
-        row = {"id": q.get("id", f"q{i + 1}"), "question": question, "context": format_context(sources), "answer": target,
+        row = {"id": q.get("id", f"q{i + 1}"), "system": SYSTEM_RAG, "question": question,
+               "context": format_context(sources), "answer": target,
                "doc": q.get("doc"), "oracle": use_oracle,
                "sources": [{"doc": s["doc"], "chunk_id": s["chunk_id"]} for s in sources]}
         doc_key = q.get("doc")
@@ -157,7 +179,8 @@ def build_raft(col, questions: list[dict], distractors: int = 3, no_oracle_share
 
 
 def write_raft(home, collection: str, questions_file: str | Path, out: str | Path, distractors: int = 3,
-               no_oracle_share: float = 0.2, test_share: float = 0.0, seed: int = 42) -> RaftReport:
+               no_oracle_share: float = 0.2, test_share: float = 0.0, seed: int = 42,
+               exclude_docs_from: list[str | Path] = ()) -> RaftReport:
     """Read questions (JSONL), build rows from ``collection``, write ``out`` (+ ``<out>.test.jsonl``)."""
     from rag.collection import Workspace
 
@@ -171,20 +194,30 @@ def write_raft(home, collection: str, questions_file: str | Path, out: str | Pat
                 questions.append(json.loads(line))
             except json.JSONDecodeError as exc:
                 raise RaftError(f"{questions_file}, row {n}: not valid JSON ({exc.msg})") from None
+    exclude: set[str] = set()
+    for path in exclude_docs_from:
+        for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    doc = json.loads(line).get("doc")
+                except (json.JSONDecodeError, AttributeError):
+                    raise RaftError(f"{path}, row {n}: not a JSON object with a 'doc' field") from None
+                if doc:
+                    exclude.add(doc)
     col = Workspace(home).get(collection)
-    train, test, report = build_raft(col, questions, distractors, no_oracle_share, test_share, seed)
+    train, test, report = build_raft(col, questions, distractors, no_oracle_share, test_share, seed, exclude_docs=exclude)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(out, train)
+    write_jsonl(out, train)
     report.out = str(out)
     if test_share > 0:
         test_out = out.with_name(out.stem + ".test" + (out.suffix or ".jsonl"))
-        _write_jsonl(test_out, test)
+        write_jsonl(test_out, test)
         report.test_out = str(test_out)
     return report
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
+def write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         for row in rows:

@@ -116,6 +116,7 @@ def import_squad(path: str | Path, collection: str, out: str | Path, *, test_sha
                  per: Literal["article", "context"] = "article", raft: bool = True, home: str | None = None,
                  progress: bool = False) -> ImportReport:
     from rag.collection import Workspace
+    from tuning.raft import write_jsonl
 
     if not 0 < test_share < 1:
         raise SquadImportError("--test-share must be between 0 and 1 (example: --test-share 0.3)")
@@ -139,8 +140,8 @@ def import_squad(path: str | Path, collection: str, out: str | Path, *, test_sha
     cut = round(len(unanswerable) * test_share)
     test += unanswerable[:cut]
     train += unanswerable[cut:]
-    _write_jsonl(out / "train.jsonl", train)
-    _write_jsonl(out / "test.jsonl", test)
+    write_jsonl(out / "train.jsonl", train)
+    write_jsonl(out / "test.jsonl", test)
     report.train, report.test = len(train), len(test)
     ws = Workspace(home)
     ws.index(collection, [folder], sync=True, progress=progress)
@@ -148,16 +149,9 @@ def import_squad(path: str | Path, collection: str, out: str | Path, *, test_sha
     if raft:
         from tuning.raft import build_raft
 
-        rows, _, raft_report = build_raft(ws.get(collection), train, seed=seed)
-        _write_jsonl(out / "raft_train.jsonl", rows)
+        # test documents never appear, not even as distractors, so the test split stays unseen
+        rows, _, raft_report = build_raft(ws.get(collection), train, seed=seed, exclude_docs=test_docs)
+        write_jsonl(out / "raft_train.jsonl", rows)
         report.raft = {k: v for k, v in raft_report.to_dict().items() if k not in ("test_docs", "out", "test_out")}
         report.files["raft_train"] = str(out / "raft_train.jsonl")
     return report
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
