@@ -129,7 +129,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="smaller input, same metrics (< 5 minutes on 2 cores)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu (fp32) or cuda (bf16)")
     p.add_argument("--quant", default="none", choices=["none", "4bit"], help="4bit: QLoRA in both arms")
-    p.add_argument("--threads", type=int, default=0, help="torch threads in both arms (0 = torch default)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads, the same in both arms (0 = torch's default count)")
     p.add_argument("--rows", type=int, default=0, help="training rows (default 16 quick, 120 full)")
     p.add_argument("--worker", choices=["baseline", "ragtune"], help=argparse.SUPPRESS)
     for hidden in ("--train", "--eval", "--work", "--home", "--model"):
@@ -149,6 +149,12 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     model_dir = ensure_packaged_causal_lm(ragtune_home())  # converted once, outside the timed/measured runs
+    if not a.threads:
+        # an explicit, equal count for both arms: ragtune's own threads=0 means "auto from the load
+        # average", which on a busy machine picks fewer threads than the baseline and skews the ratio
+        import torch
+
+        a.threads = torch.get_num_threads()
     n_train = a.rows or (12 if a.quick else 120)
     n_eval = 6 if a.quick else 24
     if a.quick:

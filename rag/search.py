@@ -76,23 +76,55 @@ def where_sql(where: dict[str, str]) -> tuple[str, list[Any]]:
     return (" AND ".join(clauses) or "1"), params
 
 
-def fts_query(text: str) -> str | None:
+def query_terms(text: str) -> list[str]:
     terms = re.findall(r"\w+", text.lower())
     kept = [t for t in terms if t not in STOPWORDS] or terms
-    if not kept:
-        return None
-    unique = list(dict.fromkeys(kept))
-    return " OR ".join(f'"{t}"' for t in unique)
+    return list(dict.fromkeys(kept))
+
+
+def fts_query(text: str) -> str | None:
+    unique = query_terms(text)
+    return " OR ".join(f'"{t}"' for t in unique) if unique else None
+
+
+_DF_CACHE: dict[tuple[str, int, str], int] = {}
+_TOTAL_CACHE: dict[tuple[str, int], int] = {}
+COMMON_TERM_SHARE = 0.05
+
+
+def prune_common_terms(conn, table: str, terms: list[str], total: int, cache_key: tuple[str, int]) -> list[str]:
+    """Drop terms found in more than ``COMMON_TERM_SHARE`` of the chunks (their BM25 weight is small,
+    and ranking their huge match sets is what makes FTS5 slow on large collections); the two rarest
+    terms always stay. Document frequencies are counted once per collection version (~1 ms a term)."""
+    if total < 20_000 or len(terms) <= 2:  # small collections: FTS5 is fast, keep every term
+        return terms
+    df = {}
+    for term in terms:
+        key = (*cache_key, term)
+        if key not in _DF_CACHE:
+            if len(_DF_CACHE) > 100_000:
+                _DF_CACHE.clear()
+            _DF_CACHE[key] = int(conn.execute(f"SELECT COUNT(*) FROM {table} WHERE {table} MATCH ?", (f'"{term}"',)).fetchone()[0])
+        df[term] = _DF_CACHE[key]
+    rarest = sorted(terms, key=lambda t: df[t])[:2]
+    return [t for t in terms if df[t] <= COMMON_TERM_SHARE * total or t in rarest]
 
 
 def bm25_search(conn, collection_id: int, query: str, k: int,
                 where: dict[str, str] | None = None) -> list[tuple[int, float]]:
     """``conn``: a SQLite connection, or anything with a per-thread ``.conn`` (a Workspace)."""
     conn = getattr(conn, "conn", conn)
-    match = fts_query(query)
-    if match is None:
-        return []
     table = f"fts_{int(collection_id)}"
+    terms = query_terms(query)
+    if not terms:
+        return []
+    row = conn.execute("SELECT version FROM collections WHERE id = ?", (collection_id,)).fetchone()
+    if row is not None:
+        key = (table, int(row[0]))
+        if key not in _TOTAL_CACHE:
+            _TOTAL_CACHE[key] = int(conn.execute("SELECT COUNT(*) FROM chunks WHERE collection_id = ?", (collection_id,)).fetchone()[0])
+        terms = prune_common_terms(conn, table, terms, _TOTAL_CACHE[key], key)
+    match = " OR ".join(f'"{t}"' for t in terms)
     sql = f"SELECT rowid, bm25({table}) AS s FROM {table} WHERE {table} MATCH ?"
     params: list[Any] = [match]
     if where:

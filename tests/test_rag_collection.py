@@ -182,3 +182,19 @@ def test_pdf_in_a_collection_keeps_page_numbers(home, tmp_path):
     assert hit.metadata["page"] <= 2 <= hit.metadata.get("page_end", hit.metadata["page"])
     first = ws.get("p").search("cover page", k=1, mode="bm25")[0]
     assert first.metadata["page"] == 1
+
+
+def test_common_terms_are_pruned_on_large_collections_only(home, small_docs, monkeypatch):
+    from rag import search
+
+    ws = Workspace(home)
+    ws.index("demo", [small_docs])
+    col = ws.get("demo")
+    table = f"fts_{col.id}"
+    terms = ["the", "warranty", "e07", "strainer"]  # 'the' is in several chunks, the others in one
+    assert search.prune_common_terms(ws.conn, table, terms, 500, (table, 1)) == terms  # small: untouched
+    monkeypatch.setattr(search, "COMMON_TERM_SHARE", 1 / 20_000)  # any term in more than one chunk is "common"
+    assert ws.conn.execute(f"SELECT COUNT(*) FROM {table} WHERE {table} MATCH '\"the\"'").fetchone()[0] > 1
+    assert search.prune_common_terms(ws.conn, table, terms, 20_000, (table, 2)) == ["warranty", "e07", "strainer"]
+    # when every term is common, the two rarest stay
+    assert len(search.prune_common_terms(ws.conn, table, ["the", "hx", "of"], 20_000, (table, 3))) == 2

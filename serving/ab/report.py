@@ -100,7 +100,7 @@ def to_markdown(report: dict[str, Any], plots: dict[str, str] | None = None) -> 
                   f"{i['ft_effect_with_rag'] * 100:+.1f} pts with it; the difference (interaction) is "
                   f"{i['mean'] * 100:+.1f} pts, 95% CI [{i['ci_low'] * 100:+.1f}, {i['ci_high'] * 100:+.1f}]."]
     if plots:
-        lines += ["", "## Plots", ""] + [f"![{k}]({Path(v).name})" for k, v in plots.items()]
+        lines += ["", "## Plots", ""] + [f"![{k}]({Path(v).name})" for k, v in plots.items() if v.endswith(".png")]
     if report["examples"]:
         lines += ["", "## Where the arms disagree", ""]
         for e in report["examples"]:
