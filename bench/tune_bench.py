@@ -116,7 +116,7 @@ def worker_baseline(a) -> dict:
 def worker_ragtune(a) -> dict:
     from tuning.run import tune
 
-    overrides = [f"name=bench", f"data={a.train}", f"eval_data={a.eval}", f"epochs={a.epochs}", f"batch_size={a.batch_size}",
+    overrides = ["name=bench", f"data={a.train}", f"eval_data={a.eval}", f"epochs={a.epochs}", f"batch_size={a.batch_size}",
                  f"max_seq_len={a.max_len}", "forgetting_probe=false", "progress=false", "eval_steps=100000",
                  "save_steps=100000", f"device={a.device}", f"quant={a.quant}", f"threads={a.threads}", "overwrite=true"]
     m = tune(None, overrides, home=a.home, echo=lambda *_: None)

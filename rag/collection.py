@@ -318,7 +318,7 @@ class Collection:
         if sync:
             gone = [path for path, (_, _) in stored.items() if path not in seen and self._under_roots(path, roots, include, exclude)]
             report.deleted = self.delete_documents(gone) if gone else 0
-        bar.close() if hasattr(bar, "close") else None
+        getattr(bar, "close", lambda: None)()
         self.save_index()
         stats = self.stats()
         report.total_documents, report.total_chunks = stats["documents"], stats["chunks"]

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -31,7 +30,7 @@ def test_lora_run_writes_adapter_manifest_and_log(tune_home, tiny_sft_data):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    m = run(tune_home, tiny_sft_data, "name=hx", "max_steps=2", "eval_steps=1", "save_steps=1", "val_share=0.25",
+    run(tune_home, tiny_sft_data, "name=hx", "max_steps=2", "eval_steps=1", "save_steps=1", "val_share=0.25",
             "forgetting_probe=true", "probe_limit=1")
     folder = tune_home / "adapters" / "hx"
     assert {"adapter_config.json", "adapter_model.safetensors", "ragtune.json"} <= {p.name for p in folder.iterdir()}

@@ -154,7 +154,6 @@ def load_causal_lm(base: BaseModel, *, quant: str = "none", device: str = "auto"
                    gradient_checkpointing: bool = False):
     """The base causal LM, fp32 on CPU / bf16 on GPU, optionally 8/4-bit and prepared for k-bit training
     (frozen base, norms in fp32, gradient checkpointing, input grads) like the QLoRA paper's recipe."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     dev, dtype = pick_device(device)

@@ -24,7 +24,6 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
 from transformers import EarlyStoppingCallback, set_seed
 
 from rag.config import ragtune_home
