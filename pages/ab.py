@@ -52,8 +52,8 @@ with offline:
     if runs:
         chosen = st.selectbox("Report for run", runs, index=runs.index(state.ab_run) if state.get("ab_run") in runs else 0)
         out = Path(home) / "reports" / chosen
-        files = ab_report.write_report(store, chosen, out)
         rep = ab_report.build_report(store, chosen, n_boot=1000)
+        files = ab_report.write_report(store, chosen, out, report=rep)
         st.caption(f"{rep['questions']} questions answered by every arm; means (%) with 95% paired-bootstrap CIs")
         table = {arm: {m: f"{v['mean'] * 100:.1f} [{v['ci_low'] * 100:.1f}, {v['ci_high'] * 100:.1f}]"
                        for m, v in cells.items() if m != "latency_s"} for arm, cells in rep["arms"].items()}

@@ -100,6 +100,10 @@ def _matches(rel: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(name, p) for p in patterns)
 
 
+def _selected(rel: str, include: list[str] | None, exclude: list[str] | None) -> bool:
+    return (not include or _matches(rel, include)) and not (exclude and _matches(rel, exclude))
+
+
 def discover(paths: Iterable[str | os.PathLike], include: list[str] | None = None,
              exclude: list[str] | None = None) -> tuple[list[Candidate], list[dict[str, str]], int, list[str]]:
     """Files to index under ``paths`` -> (candidates, failed, skipped count, folder roots walked).
@@ -147,9 +151,7 @@ def discover(paths: Iterable[str | os.PathLike], include: list[str] | None = Non
                     continue
                 full = os.path.join(dirpath, name)
                 rel = Path(os.path.relpath(full, root)).as_posix()
-                if include and not _matches(rel, include):
-                    continue
-                if exclude and _matches(rel, exclude):
+                if not _selected(rel, include, exclude):
                     continue
                 if Path(name).suffix.lower() not in SUPPORTED_SUFFIXES:
                     skipped += 1
@@ -271,8 +273,8 @@ class Collection:
         report = IndexReport()
         candidates, failed, report.skipped, roots = discover(paths, include, exclude)
         report.failed.extend(failed)
-        stored = {r["path"]: (r["id"], r["content_hash"]) for r in self.conn.execute(
-            "SELECT id, path, content_hash FROM documents WHERE collection_id = ?", (self.id,))}
+        stored = {r["path"]: (r["content_hash"], r["root"]) for r in self.conn.execute(
+            "SELECT path, content_hash, root FROM documents WHERE collection_id = ?", (self.id,))}
         embedder = self.embedder
         chunker = TokenChunker(embedder.tokenizer, self.config.chunk_tokens, self.config.chunk_overlap, embedder.max_tokens)
         max_bytes = int(self.config.max_file_mb * 1024 * 1024)
@@ -289,7 +291,7 @@ class Collection:
                                         "split it or raise max_file_mb")
                 data = cand.path.read_bytes()
                 digest = hashlib.sha256(data).hexdigest()
-                if cand.source in stored and stored[cand.source][1] == digest:
+                if cand.source in stored and stored[cand.source][0] == digest:
                     report.unchanged += 1
                     continue
                 document = load_bytes(cand.path, data, cand.source)
@@ -316,7 +318,8 @@ class Collection:
         if pending:
             report.chunks += self._store(pending)
         if sync:
-            gone = [path for path, (_, _) in stored.items() if path not in seen and self._under_roots(path, roots, include, exclude)]
+            gone = [path for path, (_, root) in stored.items()
+                    if path not in seen and root in roots and _selected(path, include, exclude)]
             report.deleted = self.delete_documents(gone) if gone else 0
         getattr(bar, "close", lambda: None)()
         self.save_index()
@@ -324,14 +327,6 @@ class Collection:
         report.total_documents, report.total_chunks = stats["documents"], stats["chunks"]
         report.seconds = round(time.perf_counter() - started, 3)
         return report
-
-    def _under_roots(self, path: str, roots: list[str], include: list[str] | None, exclude: list[str] | None) -> bool:
-        row = self.conn.execute("SELECT root FROM documents WHERE collection_id = ? AND path = ?", (self.id, path)).fetchone()
-        if row is None or row[0] not in roots:
-            return False
-        if include and not _matches(path, include):
-            return False
-        return not (exclude and _matches(path, exclude))
 
     def _store(self, pending: list[PendingDocument]) -> int:
         """Embed the pending documents' chunks and commit them in one transaction."""

@@ -169,9 +169,8 @@ def load_html(path: Path, data: bytes) -> Document:
     parser.feed(_decode_utf8(data, path))
     parser.close()
     raw = "".join(parser.parts)
-    # Strip trailing spaces on lines without moving marker offsets too much: rebuild with a map.
     text = raw.strip()
-    shift = len(raw) - len(raw.lstrip())
+    shift = len(raw) - len(raw.lstrip())  # markers were recorded against the unstripped text
     if not text:
         raise DocumentError("HTML page has no visible text")
     markers = [(max(0, o - shift), m) for o, m in parser.markers]

@@ -156,8 +156,10 @@ def plot(report: dict[str, Any], out: Path) -> dict[str, str]:
     return files
 
 
-def write_report(store: ABStore, name: str, out: str | Path, fmt: str = "md") -> dict[str, str]:
-    report = build_report(store, name)
+def write_report(store: ABStore, name: str, out: str | Path, fmt: str = "md",
+                 report: dict[str, Any] | None = None) -> dict[str, str]:
+    """Write plots, report.json and (``md``) report.md; ``report`` reuses one already built."""
+    report = report or build_report(store, name)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = plot(report, out)
