@@ -132,6 +132,21 @@ def test_packing_keeps_examples_apart(smol_tokenizer, tuning_home):
         alone = model(input_ids=torch.tensor([second["input_ids"]]), use_cache=False).logits[0]
     torch.testing.assert_close(packed[l1:l1 + len(second["input_ids"])], alone, atol=2e-4, rtol=1e-3)
 
+    # one example per row (they do not fit together): the pad tail continues the positions, so transformers
+    # sees no packing and builds no mask; the padded row's real tokens still match the example alone
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    rows = PackingCollator(tok.pad_token_id, max(la, lb) + 2, packing=True)([a, b])
+    assert rows["input_ids"].shape[0] == 2 and find_packed_sequence_indices(rows["position_ids"]) is None
+    short = 1 if rows["row_tokens"][1] < rows["row_tokens"][0] else 0
+    n = int(rows["row_tokens"][short])
+    with torch.no_grad():
+        tailed = model(input_ids=rows["input_ids"][short:short + 1], position_ids=rows["position_ids"][short:short + 1],
+                       use_cache=False).logits[0, :n]
+        alone = model(input_ids=rows["input_ids"][short:short + 1, :n], use_cache=False).logits[0]
+    torch.testing.assert_close(tailed, alone, atol=2e-4, rtol=1e-3)
+    assert rows["labels"][short, n:].eq(-100).all()
+
     padded = PackingCollator(tok.pad_token_id, 128, packing=False)([a, b])
     assert padded["input_ids"].shape[0] == 2 and padded["attention_mask"].sum() == la + lb
 

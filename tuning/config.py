@@ -52,7 +52,7 @@ class TuneConfig:
     max_seq_len: int = field(512, help="longest row in tokens; longer rows follow `overlong`")
     overlong: Literal["drop", "truncate"] = field("drop", help="rows over max_seq_len: drop them, or truncate the end (the answer tail and EOS are lost); counted in the log")
     packing: bool = field(True, help="pack rows into max_seq_len sequences without padding; attention never crosses rows")
-    rows_per_pass: int = field(1, help="packed rows per forward/backward pass; gradients are summed over passes, so a step equals one big pass but holds one row's activations (memory)")
+    rows_per_pass: int = field(0, help="packed rows per forward/backward pass (0 = auto: as many as fit in 1,024 tokens); gradients are summed over passes, so a step equals one big pass but holds only one pass's activations (memory)")
     system_prompt: str | None = field(None, help="system message added to rows that have none (None keeps the template's default)")
     lora_r: int = field(16, help="LoRA rank")
     lora_alpha: int = field(32, help="LoRA scaling alpha")
@@ -72,7 +72,8 @@ class TuneConfig:
     probe_limit: int = field(0, help="forgetting probe: use at most N prose passages and N questions (0 = all)")
     logging_steps: int = field(5, help="log the training loss every N steps")
     threads: int = field(0, help="CPU threads for torch (0 = auto: the cores not already busy, by load average)")
-    device: Literal["auto", "cpu", "cuda"] = field("auto", help="where to train; auto picks CUDA when present (bf16) else CPU (fp32)")
+    device: Literal["auto", "cpu", "cuda"] = field("auto", help="where to train; auto picks CUDA when present (bf16) else CPU")
+    precision: Literal["auto", "fp32", "bf16"] = field("auto", help="training matmuls: auto = bf16 on CUDA and on CPUs with native bf16 instructions (AVX512-BF16/AMX), fp32 otherwise. On CPU (sft), bf16 is autocast in the training forward only: weights, LoRA parameters, optimizer and evaluation stay fp32")
     gradient_checkpointing: bool = field(False, help="trade compute for memory (always on for 8bit/4bit as in QLoRA)")
     progress: bool = field(True, help="show a progress bar with the loss")
 
@@ -86,7 +87,9 @@ class TuneConfig:
             raise ConfigError("quant: full fine-tuning cannot train quantized weights; use method=lora with quant=4bit (QLoRA) or quant=none")
         if self.max_seq_len < 16:
             raise ConfigError("max_seq_len: must be at least 16 tokens (example: max_seq_len=512)")
-        for key in ("batch_size", "grad_accum", "rows_per_pass", "lora_r", "eval_steps", "save_steps", "save_total_limit", "logging_steps"):
+        if self.rows_per_pass < 0:
+            raise ConfigError("rows_per_pass: must be >= 0 (0 = auto)")
+        for key in ("batch_size", "grad_accum", "lora_r", "eval_steps", "save_steps", "save_total_limit", "logging_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1")
         if not 0.0 <= self.val_share < 0.9:

@@ -344,8 +344,9 @@ class PackingCollator:
     ``packing=True``: the batch's examples are bin-packed (first-fit decreasing) into rows of at most
     ``max_len`` tokens. ``position_ids`` restart at 0 for each example and no attention mask is passed,
     so transformers builds a block-diagonal causal mask from them (``find_packed_sequence_indices``):
-    attention never crosses examples. A row's unused tail holds pad tokens as one more "sequence" with
-    label -100. ``packing=False``: one example per row, right padding and an attention mask.
+    attention never crosses examples. A row's unused tail holds pad tokens (label -100) that continue the
+    last example's positions; when every row holds one example, no mask is built at all (the causal
+    kernel is faster). ``packing=False``: one example per row, right padding and an attention mask.
 
     Also returns ``shift_labels`` (labels moved one left), which is what the loss and Trainer's
     token count use.
@@ -382,7 +383,11 @@ class PackingCollator:
                 position_ids[r, pos:pos + length] = torch.arange(length)
                 attention[r, pos:pos + length] = 1
                 pos += length
-            position_ids[r, pos:] = torch.arange(width - pos)
+            # the pad tail continues the last example's positions: causal attention keeps real tokens from
+            # seeing it, and a row holding one example then reads as unpacked, so SDPA runs its causal kernel
+            # without a mask (2 x 369 tokens: 21 ms instead of 31 ms forward+backward per layer, bf16, 2 cores)
+            last = len(row[-1]["input_ids"]) if row else 0
+            position_ids[r, pos:] = torch.arange(last, last + width - pos)
         shift_labels = torch.full_like(labels, -100)
         shift_labels[:, :-1] = labels[:, 1:]
         batch = {"input_ids": input_ids, "labels": labels, "shift_labels": shift_labels,

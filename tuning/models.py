@@ -115,8 +115,32 @@ def ensure_packaged_causal_lm(home: Path) -> Path:
     return target
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX-BF16 in /proc/cpuinfo).
+
+    Measured on a 2-core EPYC with AVX512-BF16: a 2952x576 @ 576x1536 matmul takes 30 ms in fp32 and
+    12 ms in bf16. CPUs without these instructions emulate bf16 and train far slower than in fp32.
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def training_precision(precision: str, device: str) -> str:
+    """Resolve ``precision: auto | fp32 | bf16`` for ``device`` to 'fp32' or 'bf16'."""
+    if precision == "auto":
+        return "bf16" if device == "cuda" or cpu_has_native_bf16() else "fp32"
+    return precision
+
+
 def pick_device(device: str = "auto") -> tuple[str, Any]:
-    """(device, dtype): bf16 on CUDA, fp32 on CPU (this CPU has no native bf16: ~40x slower)."""
+    """(device, dtype of the loaded weights): bf16 on CUDA, fp32 on CPU (CPU bf16 is autocast only)."""
     import torch
 
     if device == "cuda" or (device == "auto" and torch.cuda.is_available()):

@@ -63,22 +63,18 @@ def ab_run_cmd(
                                      "arms": arms, "limit": limit, "name": name, "k": k,
                                      "max_new_tokens": max_new_tokens}, source="options")
     assistant = Assistant.open(home, log=False)
-    bar = None
-    if sys.stderr.isatty():
-        from tqdm import tqdm
+    from tqdm import tqdm
 
-        bar = tqdm(total=0, desc=f"ab {config.name}", unit="answer")
+    # in a log file (not a terminal) the bar still reports, once every 30 s
+    bar = tqdm(total=0, desc=f"ab {config.name}", unit="answer", mininterval=0.1 if sys.stderr.isatty() else 30)
 
     def progress(done: int, total: int, message: str) -> None:
-        if bar is not None:
-            bar.total = total
-            bar.n = done
-            bar.set_postfix_str(message, refresh=False)
-            bar.refresh()
+        bar.total = total
+        bar.set_postfix_str(message, refresh=False)
+        bar.update(done - bar.n)
 
     summary = run_ab(assistant, config, progress)
-    if bar is not None:
-        bar.close()
+    bar.close()
     typer.echo(json.dumps(summary, indent=2))
 
 

@@ -31,9 +31,9 @@ from tuning import forgetting
 from tuning.adapters import adapter_dir, file_sha256, write_manifest
 from tuning.config import TuneConfig, resolved_dict
 from tuning.data import PackingCollator, ensure_chat_template, load_records, split_records, tokenize_records
-from tuning.errors import DataError
+from tuning.errors import DataError, TuningError
 from tuning.mixing import MixtureSampler, Schedule
-from tuning.models import load_causal_lm, load_tokenizer, pick_device, resolve_base_model, weights_hash
+from tuning.models import load_causal_lm, load_tokenizer, pick_device, resolve_base_model, training_precision, weights_hash
 from tuning.training import (JsonlLog, ListDataset, LogCallback, SFTTrainer, apply_method, check_adapter_slot,
                              parameter_counts, prepare_run_dir, publish_folder, set_threads, staging_dir,
                              total_draws, training_arguments)
@@ -54,6 +54,9 @@ def train(config: TuneConfig, home: str | Path | None = None, echo=print) -> dic
     set_seed(config.seed)
     runlog = JsonlLog(run_dir / "log.jsonl")
     device, _dtype = pick_device(config.device)
+    precision = training_precision(config.precision, device)
+    if device == "cuda" and precision != "bf16":
+        raise TuningError("precision=fp32 is for CPU; on CUDA the recipe trains in bf16 (use precision=auto)")
 
     # 1. data: every file validated before anything loads (errors name file, row, field)
     sources = config.sources()
@@ -91,7 +94,7 @@ def train(config: TuneConfig, home: str | Path | None = None, echo=print) -> dic
     # 4. PEFT: LoRA / DoRA on all-linear or attention modules, optionally only the top N layers
     model = apply_method(model, config, "CAUSAL_LM")
     trainable, total = parameter_counts(model)
-    echo(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    echo(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%); {device}, {precision}, {threads} threads")
     runlog.write("params", trainable=trainable, total=total)
 
     # 5. Trainer: packing collator, mixture sampler, eval/early stopping/best checkpoint/resume
@@ -108,7 +111,7 @@ def train(config: TuneConfig, home: str | Path | None = None, echo=print) -> dic
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
     trainer = SFTTrainer(model=model, args=args, train_dataset=ListDataset(train_rows), data_collator=collator,
                          eval_dataset=ListDataset(eval_rows) if has_eval else None, sampler=sampler, eval_rows=eval_rows, eval_collator=collator, callbacks=callbacks,
-                         rows_per_pass=config.rows_per_pass)
+                         rows_per_pass=config.rows_per_pass, cpu_bf16=device == "cpu" and precision == "bf16")
     train_start = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.time() - train_start
@@ -148,6 +151,7 @@ def train(config: TuneConfig, home: str | Path | None = None, echo=print) -> dic
         "total_seconds": round(time.time() - started, 2),
         "tokens_per_second": round(trainer.tokens_seen / train_seconds, 1) if train_seconds > 0 else None,
         "device": device,
+        "precision": precision,
         "threads": threads,
         "resumed_from": Path(resume_from).name if resume_from else None,
         "run_dir": str(run_dir),
