@@ -48,15 +48,15 @@ def train(config: TuneConfig, home: str | Path | None = None, echo=print) -> dic
     home = ragtune_home(home)
     out_dir = adapter_dir(home, config.name)
     run_dir = home / "runs" / config.name
+    device, _dtype = pick_device(config.device)
+    precision = training_precision(config.precision, device)
+    if device == "cuda" and precision != "bf16":
+        raise TuningError("precision=fp32 is for CPU; on CUDA the recipe trains in bf16 (use precision=auto)")
     check_adapter_slot(out_dir, config)
     resume_from = prepare_run_dir(run_dir, config.resume)
     threads = set_threads(config.threads)
     set_seed(config.seed)
     runlog = JsonlLog(run_dir / "log.jsonl")
-    device, _dtype = pick_device(config.device)
-    precision = training_precision(config.precision, device)
-    if device == "cuda" and precision != "bf16":
-        raise TuningError("precision=fp32 is for CPU; on CUDA the recipe trains in bf16 (use precision=auto)")
 
     # 1. data: every file validated before anything loads (errors name file, row, field)
     sources = config.sources()
