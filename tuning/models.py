@@ -136,6 +136,8 @@ def training_precision(precision: str, device: str) -> str:
     """Resolve ``precision: auto | fp32 | bf16`` for ``device`` to 'fp32' or 'bf16'."""
     if precision == "auto":
         return "bf16" if device == "cuda" or cpu_has_native_bf16() else "fp32"
+    if device == "cuda" and precision != "bf16":
+        raise ModelError("precision=fp32 is for CPU; on CUDA the weights load in bf16 (use precision=auto)")
     return precision
 
 

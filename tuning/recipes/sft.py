@@ -31,7 +31,7 @@ from tuning import forgetting
 from tuning.adapters import adapter_dir, file_sha256, write_manifest
 from tuning.config import TuneConfig, resolved_dict
 from tuning.data import PackingCollator, ensure_chat_template, load_records, split_records, tokenize_records
-from tuning.errors import DataError, TuningError
+from tuning.errors import DataError
 from tuning.mixing import MixtureSampler, Schedule
 from tuning.models import load_causal_lm, load_tokenizer, pick_device, resolve_base_model, training_precision, weights_hash
 from tuning.training import (JsonlLog, ListDataset, LogCallback, SFTTrainer, apply_method, check_adapter_slot,
@@ -50,8 +50,6 @@ def train(config: TuneConfig, home: str | Path | None = None, echo=print) -> dic
     run_dir = home / "runs" / config.name
     device, _dtype = pick_device(config.device)
     precision = training_precision(config.precision, device)
-    if device == "cuda" and precision != "bf16":
-        raise TuningError("precision=fp32 is for CPU; on CUDA the recipe trains in bf16 (use precision=auto)")
     check_adapter_slot(out_dir, config)
     resume_from = prepare_run_dir(run_dir, config.resume)
     threads = set_threads(config.threads)
