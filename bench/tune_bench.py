@@ -6,15 +6,15 @@
 Baseline (what tutorials write): transformers ``Trainer`` + peft LoRA (r=16, alpha=32, all-linear),
 ``DataCollatorForLanguageModeling(mlm=False)`` padding each batch, loss on every token (and, since
 SmolLM2's pad token is its EOS, EOS is masked out of the loss).
-ragtune: ``ragtune tune`` at its defaults (answer-only loss + EOS, packing without cross-contamination,
-logits only at labelled positions, ~1,024-token passes, bf16 autocast where the CPU has native bf16, a
-cheaper LoRA dropout mask) with the same LoRA settings (dropout 0.05 included), learning rate, batch size,
-epochs, seed. Both arms' eval losses are computed in fp32.
+ragtune: ``ragtune tune`` at its defaults (answer-only loss + EOS, examples end to end without padding and
+attention one example at a time, logits only at labelled positions, ~1,024-token passes, bf16 autocast
+where the CPU has native bf16, a cheaper LoRA dropout mask) with the same LoRA settings (dropout 0.05 included), learning rate, batch size,
+epochs, seed. Neither arm evaluates during its timed epoch; afterwards both models are scored in fp32 by
+the same function on the same held-out rows (ragtune's from the adapter folder it wrote).
 
 Each arm runs in its own subprocess so peak RSS (``ru_maxrss``) is not shared. Prints one JSON line per
 metric: epoch_speedup (baseline epoch wall time / ragtune's, goal >= 2), peak_rss_ratio (ragtune /
 baseline, goal <= 0.7), eval_loss_ratio (ragtune eval loss on answer tokens / baseline's, goal <= 1.0).
-Both eval losses are computed by the same function on the same held-out rows.
 
 On a GPU (device tool): ``python bench/tune_bench.py --device cuda`` (bf16), add ``--quant 4bit`` for QLoRA.
 """
@@ -76,25 +76,41 @@ def eval_rows(tok, path: Path, max_len: int) -> list[dict]:
     return rows
 
 
-def worker_baseline(a) -> dict:
+def load_base(a):
+    """The base model exactly as the baseline arm loads it (both arms' eval losses come from such a model)."""
     import torch
-    from datasets import Dataset
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM
 
-    from tuning.data import PackingCollator, load_records
-    from tuning.training import evaluate_loss
-
-    if a.threads:
-        torch.set_num_threads(a.threads)
     dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
-    tok = AutoTokenizer.from_pretrained(a.model)
     kwargs = {}
     if a.quant == "4bit":
         from transformers import BitsAndBytesConfig
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype, **kwargs)
+
+
+def eval_loss(a, tok, model) -> float:
+    """Answer-token loss on the held-out rows: same function, rows and padded batches for both arms."""
+    from tuning.data import PackingCollator
+    from tuning.training import evaluate_loss
+
+    rows = eval_rows(tok, Path(a.eval), a.max_len)
+    return evaluate_loss(model, rows, PackingCollator(tok.pad_token_id, packing=False), a.batch_size, model.device)["eval_loss"]
+
+
+def worker_baseline(a) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    from tuning.data import load_records
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    tok = AutoTokenizer.from_pretrained(a.model)
+    model = load_base(a)
     if a.quant == "4bit":
         from peft import prepare_model_for_kbit_training
         model = prepare_model_for_kbit_training(model)
@@ -110,20 +126,24 @@ def worker_baseline(a) -> dict:
     start = time.time()
     trainer.train()
     seconds = time.time() - start
-    rows = eval_rows(tok, Path(a.eval), a.max_len)
-    metrics = evaluate_loss(model, rows, PackingCollator(tok.pad_token_id, a.max_len, packing=False), a.batch_size, model.device)
-    return {"epoch_seconds": seconds / a.epochs, "peak_rss_mb": peak_rss_mb(), "eval_loss": metrics["eval_loss"]}
+    return {"epoch_seconds": seconds / a.epochs, "peak_rss_mb": peak_rss_mb(), "eval_loss": eval_loss(a, tok, model)}
 
 
 def worker_ragtune(a) -> dict:
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
     from tuning.run import tune
 
-    overrides = ["name=bench", f"data={a.train}", f"eval_data={a.eval}", f"epochs={a.epochs}", f"batch_size={a.batch_size}",
-                 f"max_seq_len={a.max_len}", "forgetting_probe=false", "progress=false", "eval_steps=100000",
-                 "save_steps=100000", f"device={a.device}", f"quant={a.quant}", f"threads={a.threads}", "overwrite=true"]
+    # no validation split while timing (the baseline evaluates nothing during its epoch either); the adapter
+    # ragtune writes is scored afterwards exactly like the baseline's model
+    overrides = ["name=bench", f"data={a.train}", "val_share=0", f"epochs={a.epochs}", f"batch_size={a.batch_size}",
+                 f"max_seq_len={a.max_len}", "forgetting_probe=false", "progress=false", "save_steps=100000",
+                 f"device={a.device}", f"quant={a.quant}", f"threads={a.threads}", "overwrite=true"]
     m = tune(None, overrides, home=a.home, echo=lambda *_: None)
-    return {"epoch_seconds": m["train_seconds"] / a.epochs, "peak_rss_mb": peak_rss_mb(), "eval_loss": m["metrics"]["eval_loss"],
-            "tokens_per_second": m["tokens_per_second"]}
+    model = PeftModel.from_pretrained(load_base(a), Path(a.home) / "adapters" / "bench")
+    return {"epoch_seconds": m["train_seconds"] / a.epochs, "peak_rss_mb": peak_rss_mb(),
+            "eval_loss": eval_loss(a, AutoTokenizer.from_pretrained(a.model), model), "tokens_per_second": m["tokens_per_second"]}
 
 
 def main() -> None:

@@ -112,43 +112,91 @@ def test_overlong_rows_are_dropped_or_truncated_and_counted(smol_tokenizer):
 
 
 def test_packing_keeps_examples_apart(smol_tokenizer, tuning_home):
+    from tuning import attention
     from tuning.models import load_causal_lm, resolve_base_model
+    from tuning.training import causal_lm_loss
 
     tok = smol_tokenizer
     a = tokenize_example(tok, [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}], 128, "drop")
     b = tokenize_example(tok, [{"role": "user", "content": "Count to three, please."}, {"role": "assistant", "content": "One, two, three."}], 128, "drop")
-    batch = PackingCollator(tok.pad_token_id, 128, packing=True)([a, b])
-    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
     la, lb = len(a["input_ids"]), len(b["input_ids"])
-    first, second = (a, b) if int(batch["input_ids"][0, 0]) == a["input_ids"][0] and la >= lb else (b, a)
-    l1 = len(first["input_ids"])
-    assert batch["position_ids"][0, l1] == 0  # positions restart for the second example
-    assert int(batch["row_tokens"].sum()) == la + lb
-    assert (batch["shift_labels"][0, :-1] == batch["labels"][0, 1:]).all()
+    batch = PackingCollator(tok.pad_token_id, packing=True)([a, b])
+    # one row of exactly the real tokens: no pad token, no attention mask
+    assert batch["input_ids"].shape == (1, la + lb) and "attention_mask" not in batch
+    assert batch["input_ids"][0].tolist() == a["input_ids"] + b["input_ids"]
+    assert batch["cu_seqlens"].tolist() == [0, la, la + lb] and batch["row_tokens"].tolist() == [la + lb]
+    assert batch["position_ids"][0, la] == 0 and batch["position_ids"][0, -1] == lb - 1  # positions restart
+    assert batch["labels"][0, la] == -100  # the second example's first token is never predicted from the first
+    assert (batch["shift_labels"][0, :-1] == batch["labels"][0, 1:]).all() and batch["shift_labels"][0, -1] == -100
 
     model = load_causal_lm(resolve_base_model("smollm2-135m-instruct", tuning_home), for_training=False).eval()
     with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
-        alone = model(input_ids=torch.tensor([second["input_ids"]]), use_cache=False).logits[0]
-    torch.testing.assert_close(packed[l1:l1 + len(second["input_ids"])], alone, atol=2e-4, rtol=1e-3)
+        alone = model(input_ids=torch.tensor([b["input_ids"]]), use_cache=False).logits[0]
+        # without segments transformers builds a block-diagonal mask from the restarting positions
+        masked = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0, la:]
+        with attention.segments_enabled(model) as on:
+            assert on and attention.uses_segments(model)
+            segmented = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                              segments=batch["cu_seqlens"].tolist()).logits[0, la:]
+            loss_seg, n = causal_lm_loss(model, batch)
+        assert model.config._attn_implementation == "sdpa"  # restored: nothing saved names ragtune's function
+        loss_mask, n2 = causal_lm_loss(model, batch)
+    torch.testing.assert_close(masked, alone, atol=2e-4, rtol=1e-3)
+    torch.testing.assert_close(segmented, alone, atol=2e-4, rtol=1e-3)
+    assert n == n2 == int(batch["shift_labels"].ne(-100).sum())
+    torch.testing.assert_close(loss_seg, loss_mask, atol=1e-3, rtol=1e-4)
 
-    # one example per row (they do not fit together): the pad tail continues the positions, so transformers
-    # sees no packing and builds no mask; the padded row's real tokens still match the example alone
-    from transformers.masking_utils import find_packed_sequence_indices
+    padded = PackingCollator(tok.pad_token_id, packing=False)([a, b])
+    assert padded["input_ids"].shape == (2, max(la, lb)) and padded["attention_mask"].sum() == la + lb
+    assert padded["row_tokens"].tolist() == [la, lb] and padded["labels"][:, 0].eq(-100).all()
 
-    rows = PackingCollator(tok.pad_token_id, max(la, lb) + 2, packing=True)([a, b])
-    assert rows["input_ids"].shape[0] == 2 and find_packed_sequence_indices(rows["position_ids"]) is None
-    short = 1 if rows["row_tokens"][1] < rows["row_tokens"][0] else 0
-    n = int(rows["row_tokens"][short])
-    with torch.no_grad():
-        tailed = model(input_ids=rows["input_ids"][short:short + 1], position_ids=rows["position_ids"][short:short + 1],
-                       use_cache=False).logits[0, :n]
-        alone = model(input_ids=rows["input_ids"][short:short + 1, :n], use_cache=False).logits[0]
-    torch.testing.assert_close(tailed, alone, atol=2e-4, rtol=1e-3)
-    assert rows["labels"][short, n:].eq(-100).all()
 
-    padded = PackingCollator(tok.pad_token_id, 128, packing=False)([a, b])
-    assert padded["input_ids"].shape[0] == 2 and padded["attention_mask"].sum() == la + lb
+def test_passes_cut_packed_steps_at_example_boundaries():
+    from tuning.training import split_passes
+
+    lengths = [300, 500, 200, 900, 1500, 100]
+    examples = [{"input_ids": list(range(1, n + 1)), "labels": list(range(1, n + 1))} for n in lengths]
+    batch = PackingCollator(0, packing=True)(examples)
+    passes = split_passes(batch, 1024)
+    # greedy in order: 300+500+200 fit, 900 alone, 1500 is over the budget and gets a pass of its own, then 100
+    assert [p["cu_seqlens"].tolist() for p in passes] == [[0, 300, 800, 1000], [0, 900], [0, 1500], [0, 100]]
+    for key in ("input_ids", "labels", "shift_labels", "position_ids"):
+        assert torch.equal(torch.cat([p[key] for p in passes], dim=1), batch[key])
+    assert sum(int(p["row_tokens"]) for p in passes) == sum(lengths)
+    assert all(int(p["position_ids"][0, 0]) == 0 for p in passes)
+    assert split_passes(batch, 0) == [batch] and split_passes(batch, 10_000) == [batch]
+    padded = PackingCollator(0, packing=False)(examples[:4])  # 4 rows of width 900: 1 row per 1,024-token pass
+    assert [p["input_ids"].shape[0] for p in split_passes(padded, 1024)] == [1, 1, 1, 1]
+    assert [p["input_ids"].shape[0] for p in split_passes(padded, 2000)] == [2, 2]
+
+
+def test_segment_attention_matches_masked_sdpa():
+    """The explicit CPU path and the SDPA path give the block-diagonal causal attention, values and grads."""
+    from types import SimpleNamespace
+
+    from tuning import attention
+
+    torch.manual_seed(0)
+    lengths = [37, 5, attention.EXPLICIT_MAX + 20]  # the last one takes the SDPA path
+    total = sum(lengths)
+    q = torch.randn(1, 6, total, 16, requires_grad=True)
+    k = torch.randn(1, 2, total, 16, requires_grad=True)
+    v = torch.randn(1, 2, total, 16, requires_grad=True)
+    bounds = [0, 37, 42, total]
+    seg = torch.repeat_interleave(torch.arange(3), torch.tensor(lengths))
+    allowed = (seg[:, None] == seg[None, :]) & torch.ones(total, total, dtype=torch.bool).tril()
+    module = SimpleNamespace(num_key_value_groups=3, is_causal=True)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1),
+                                                            attn_mask=allowed, scale=0.3).transpose(1, 2)
+    got, _ = attention.segment_attention(module, q, k, v, None, scaling=0.3, segments=bounds)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    grads_want = torch.autograd.grad((want * torch.linspace(-1, 1, 16)).sum(), (q, k, v))
+    grads_got = torch.autograd.grad((got * torch.linspace(-1, 1, 16)).sum(), (q, k, v))
+    for g, w in zip(grads_got, grads_want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+    # without segments it is plain SDPA with the given mask
+    plain, _ = attention.segment_attention(module, q, k, v, allowed[None, None], scaling=0.3)
+    torch.testing.assert_close(plain, want, atol=1e-5, rtol=1e-4)
 
 
 def test_mixture_weights_and_progressive_schedule():

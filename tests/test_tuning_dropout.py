@@ -47,6 +47,21 @@ def test_same_seed_same_mask_and_bf16_input():
     assert a.dtype == torch.bfloat16 and torch.equal(a, b)
 
 
+def test_under_autocast_the_mask_runs_in_bf16_with_the_same_values():
+    x = torch.randn(64, 96, requires_grad=True)
+    torch.manual_seed(3)
+    plain = FastDropout(0.2).train()(x.detach())
+    torch.manual_seed(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = FastDropout(0.2).train()(x)
+    # what the following LoRA matmul would have seen: the fp32 result cast to bf16
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), plain.to(torch.bfloat16).float(), atol=0, rtol=1e-2)
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad, (plain != 0).float() / 0.8, atol=0, rtol=1e-2)
+
+
 def test_peft_dropouts_are_swapped():
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -169,11 +169,11 @@ def test_adapters_cli_list_merge_rm(tune_home, tiny_sft_data, tmp_path):
     assert "Example: ragtune tune" in helptext
 
 
-def test_row_by_row_passes_equal_one_big_pass(tune_home, tiny_sft_data):
+def test_example_by_example_passes_equal_one_big_pass(tune_home, tiny_sft_data):
     # fp32: bf16 matmul kernels may block a 1-row and a 6-row product differently
     common = ["max_steps=2", "val_share=0", "lora_dropout=0", "batch_size=6", "seed=3", "precision=fp32"]
-    run(tune_home, tiny_sft_data, "name=split", "rows_per_pass=1", *common)
-    run(tune_home, tiny_sft_data, "name=whole", "rows_per_pass=64", *common)
+    run(tune_home, tiny_sft_data, "name=split", "pass_tokens=1", *common)
+    run(tune_home, tiny_sft_data, "name=whole", "pass_tokens=0", *common)
     a = load_file(tune_home / "adapters" / "split" / "adapter_model.safetensors")
     b = load_file(tune_home / "adapters" / "whole" / "adapter_model.safetensors")
     for key in a:

@@ -51,8 +51,8 @@ class TuneConfig:
     grad_accum: int = field(1, help="gradient accumulation steps")
     max_seq_len: int = field(512, help="longest row in tokens; longer rows follow `overlong`")
     overlong: Literal["drop", "truncate"] = field("drop", help="rows over max_seq_len: drop them, or truncate the end (the answer tail and EOS are lost); counted in the log")
-    packing: bool = field(True, help="pack rows into max_seq_len sequences without padding; attention never crosses rows")
-    rows_per_pass: int = field(0, help="packed rows per forward/backward pass (0 = auto: as many as fit in 1,024 tokens); gradients are summed over passes, so a step equals one big pass but holds only one pass's activations (memory)")
+    packing: bool = field(True, help="put a step's rows end to end without padding; attention never crosses rows (False: pad each row)")
+    pass_tokens: int = field(1024, help="tokens per forward/backward pass: a step's rows are split into passes of about this many tokens and their gradients summed, so a step equals one big pass but holds only one pass's activations (memory); 0 = the whole step in one pass")
     system_prompt: str | None = field(None, help="system message added to rows that have none (None keeps the template's default)")
     lora_r: int = field(16, help="LoRA rank")
     lora_alpha: int = field(32, help="LoRA scaling alpha")
@@ -87,8 +87,8 @@ class TuneConfig:
             raise ConfigError("quant: full fine-tuning cannot train quantized weights; use method=lora with quant=4bit (QLoRA) or quant=none")
         if self.max_seq_len < 16:
             raise ConfigError("max_seq_len: must be at least 16 tokens (example: max_seq_len=512)")
-        if self.rows_per_pass < 0:
-            raise ConfigError("rows_per_pass: must be >= 0 (0 = auto)")
+        if self.pass_tokens < 0:
+            raise ConfigError("pass_tokens: must be >= 0 (0 = the whole step in one pass)")
         for key in ("batch_size", "grad_accum", "lora_r", "eval_steps", "save_steps", "save_total_limit", "logging_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1")

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
+from tuning import attention
 from tuning.config import TuneConfig
 from tuning.errors import TuningError
 
@@ -157,6 +158,10 @@ class FastDropout(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
+        if x.device.type == "cpu" and x.dtype == torch.float32 and torch.is_autocast_enabled("cpu"):
+            # the LoRA matmul that follows casts its input to the autocast dtype anyway: casting first makes
+            # the masking pass move half the bytes and the matmul's own cast a no-op (same values)
+            x = x.to(torch.get_autocast_dtype("cpu"))
         return _MaskedScale.apply(x, self.keep_mask(x.shape, x.device), 1.0 / (1.0 - self.p))
 
     def extra_repr(self) -> str:
@@ -250,11 +255,48 @@ def causal_lm_loss(model, batch: dict, reduction: str = "sum") -> tuple[torch.Te
     shift_labels = batch["shift_labels"]
     keep = shift_labels != -100
     n = int(keep.sum())
-    kwargs = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {"attention_mask": batch["attention_mask"]}
+    kwargs: dict[str, Any] = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {"attention_mask": batch["attention_mask"]}
+    if "cu_seqlens" in batch and attention.uses_segments(model):
+        kwargs["segments"] = batch["cu_seqlens"].tolist()
     out = model(input_ids=batch["input_ids"], logits_to_keep=keep, use_cache=False, **kwargs)
     logits = out.logits.float()  # fp32 logits for the loss, as the QLoRA recipe does
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), shift_labels[keep], reduction=reduction)
     return loss, n
+
+
+_ROW_KEYS = ("input_ids", "labels", "shift_labels", "position_ids")
+
+
+def split_passes(batch: dict, pass_tokens: int) -> list[dict]:
+    """A step's batch as forward/backward passes of at most ``pass_tokens`` tokens (0: one pass).
+
+    A packed batch (one row, ``cu_seqlens``) is cut at example boundaries, an example longer than the
+    budget getting a pass of its own; a padded batch is cut by rows (``pass_tokens // width`` per pass)."""
+    if pass_tokens <= 0:
+        return [batch]
+    if "cu_seqlens" in batch:
+        bounds = batch["cu_seqlens"].tolist()
+        cuts = [0]  # indexes into bounds where a pass starts
+        for i in range(2, len(bounds)):
+            if bounds[i] - bounds[cuts[-1]] > pass_tokens:
+                cuts.append(i - 1)
+        cuts.append(len(bounds) - 1)
+        if len(cuts) == 2:
+            return [batch]
+        passes = []
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            start, end = bounds[a], bounds[b]
+            part = {k: batch[k][:, start:end] for k in _ROW_KEYS}
+            part["cu_seqlens"] = batch["cu_seqlens"][a:b + 1] - start
+            part["row_tokens"] = batch["row_tokens"].new_tensor([end - start])
+            passes.append(part)
+        return passes
+    rows, width = batch["input_ids"].shape
+    per_pass = max(1, pass_tokens // max(width, 1))
+    if rows <= per_pass:
+        return [batch]
+    return [{k: v[i:i + per_pass] if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == rows else v for k, v in batch.items()}
+            for i in range(0, rows, per_pass)]
 
 
 class SFTTrainer(Trainer):
@@ -263,9 +305,9 @@ class SFTTrainer(Trainer):
     loss_is_scaled_for_ga = True  # compute_loss divides by the tokens of the whole accumulated batch
 
     def __init__(self, *args, sampler=None, eval_rows: list[dict] | None = None, eval_collator=None,
-                 rows_per_pass: int = 0, cpu_bf16: bool = False, **kwargs):
+                 pass_tokens: int = 1024, cpu_bf16: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.rows_per_pass = rows_per_pass
+        self.pass_tokens = pass_tokens
         self.cpu_bf16 = cpu_bf16
         self._mixture_sampler = sampler
         self._eval_rows = eval_rows or []
@@ -277,32 +319,26 @@ class SFTTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         return self._mixture_sampler if self._mixture_sampler is not None else super()._get_train_sampler(train_dataset)
 
-    PASS_TOKENS = 1024  # rows_per_pass=0: rows per pass = this // row width
-
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """Forward/backward ``rows_per_pass`` packed rows at a time and accumulate their gradients.
+        """Forward/backward the step in passes of ~``pass_tokens`` tokens and accumulate their gradients.
 
         The loss of each pass is its label-token sum over the whole step's label count, so the summed
         gradient equals one pass over the whole batch (same step, same hyperparameters) while activation
         memory is one pass's: on CPU, activations (~2.5 MB per token for LoRA on all linear layers of
-        SmolLM2-135M in fp32) dominate peak RSS, not the weights. Measured on 8 rows of ~370 tokens
-        (2 cores, bf16 autocast): 1 row per pass 13.0 s and 2.5 GB, 2 rows 10.0 s and 3.2 GB, all 8 rows
-        9.7 s and 6.4 GB: tiny passes pay per-pass overhead, so the default fills ~1,024 tokens.
+        SmolLM2-135M in fp32) dominate peak RSS, not the weights. Tiny passes pay per-pass overhead: an
+        epoch of the tuning bench (15 steps of ~2,200 tokens, 2 cores) took 162 s with one example per
+        pass and 147 s with the default 1,024-token passes.
         """
-        rows, width = inputs["input_ids"].shape
-        per_pass = self.rows_per_pass or max(1, self.PASS_TOKENS // max(width, 1))
-        if rows <= per_pass:
+        passes = split_passes(inputs, self.pass_tokens)
+        if len(passes) == 1:
             return super().training_step(model, inputs, num_items_in_batch)
         model.train()
-        inputs = self._prepare_inputs(inputs)
         if num_items_in_batch is None:
             num_items_in_batch = inputs["shift_labels"].ne(-100).sum()
-        starts = list(range(0, rows, per_pass))
         total = torch.zeros((), device=self.args.device)
-        for i, start in enumerate(starts):
-            part = {k: v[start:start + per_pass] if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == rows else v
-                    for k, v in inputs.items()}
-            last = i == len(starts) - 1
+        for i, part in enumerate(passes):
+            part = self._prepare_inputs(part)
+            last = i == len(passes) - 1
             sync = contextlib.nullcontext() if last or self.accelerator.num_processes == 1 else self.accelerator.no_sync(model)
             with sync:
                 with self.compute_loss_context_manager():

@@ -27,7 +27,7 @@ from pathlib import Path
 from transformers import EarlyStoppingCallback, set_seed
 
 from rag.config import ragtune_home
-from tuning import forgetting
+from tuning import attention, forgetting
 from tuning.adapters import adapter_dir, file_sha256, write_manifest
 from tuning.config import TuneConfig, resolved_dict
 from tuning.data import PackingCollator, ensure_chat_template, load_records, split_records, tokenize_records
@@ -96,7 +96,7 @@ def train(config: TuneConfig, home: str | Path | None = None, echo=print) -> dic
     runlog.write("params", trainable=trainable, total=total)
 
     # 5. Trainer: packing collator, mixture sampler, eval/early stopping/best checkpoint/resume
-    collator = PackingCollator(tokenizer.pad_token_id, config.max_seq_len, packing=config.packing)
+    collator = PackingCollator(tokenizer.pad_token_id, packing=config.packing)
     weights = {}
     for s in sources:
         weights[s.task] = weights.get(s.task, 0.0) + s.weight
@@ -109,17 +109,18 @@ def train(config: TuneConfig, home: str | Path | None = None, echo=print) -> dic
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
     trainer = SFTTrainer(model=model, args=args, train_dataset=ListDataset(train_rows), data_collator=collator,
                          eval_dataset=ListDataset(eval_rows) if has_eval else None, sampler=sampler, eval_rows=eval_rows, eval_collator=collator, callbacks=callbacks,
-                         rows_per_pass=config.rows_per_pass, cpu_bf16=device == "cpu" and precision == "bf16")
-    train_start = time.time()
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    train_seconds = time.time() - train_start
-    metrics = {"train_loss": round(result.training_loss, 5), "steps": trainer.state.global_step,
-               "epochs": round(trainer.state.epoch or 0.0, 4)}
-    if has_eval:  # the best checkpoint is loaded back at the end (load_best_model_at_end)
-        final = trainer.evaluate()
-        metrics.update({k: round(v, 5) if isinstance(v, float) else v for k, v in final.items()})
-        metrics["best_eval_loss"] = trainer.state.best_metric
-        metrics["best_checkpoint"] = Path(trainer.state.best_model_checkpoint).name if trainer.state.best_model_checkpoint else None
+                         pass_tokens=config.pass_tokens, cpu_bf16=device == "cpu" and precision == "bf16")
+    with attention.segments_enabled(model):  # packed examples attend one at a time, no mask (tuning.attention)
+        train_start = time.time()
+        result = trainer.train(resume_from_checkpoint=resume_from)
+        train_seconds = time.time() - train_start
+        metrics = {"train_loss": round(result.training_loss, 5), "steps": trainer.state.global_step,
+                   "epochs": round(trainer.state.epoch or 0.0, 4)}
+        if has_eval:  # the best checkpoint is loaded back at the end (load_best_model_at_end)
+            final = trainer.evaluate()
+            metrics.update({k: round(v, 5) if isinstance(v, float) else v for k, v in final.items()})
+            metrics["best_eval_loss"] = trainer.state.best_metric
+            metrics["best_checkpoint"] = Path(trainer.state.best_model_checkpoint).name if trainer.state.best_model_checkpoint else None
     if not trainer.is_world_process_zero():
         return {}
 
