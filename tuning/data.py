@@ -16,7 +16,6 @@ rendered with ``add_generation_prompt=True``). Everything else has label -100.
 from __future__ import annotations
 
 import itertools
-
 import json
 import random
 from collections import Counter
