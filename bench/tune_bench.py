@@ -8,9 +8,10 @@ Baseline (what tutorials write): transformers ``Trainer`` + peft LoRA (r=16, alp
 SmolLM2's pad token is its EOS, EOS is masked out of the loss).
 ragtune: ``ragtune tune`` at its defaults (answer-only loss + EOS, examples end to end without padding and
 attention one example at a time, logits only at labelled positions, ~1,024-token passes, bf16 autocast
-where the CPU has native bf16, a cheaper LoRA dropout mask) with the same LoRA settings (dropout 0.05 included), learning rate, batch size,
-epochs, seed. Neither arm evaluates during its timed epoch; afterwards both models are scored in fp32 by
-the same function on the same held-out rows (ragtune's from the adapter folder it wrote).
+where the CPU has native bf16, a cheaper LoRA dropout mask) with the same LoRA settings (dropout 0.05
+included), learning rate, batch size, epochs, seed. Neither arm evaluates during its timed epoch; afterwards
+both models are scored in fp32 by the same function on the same held-out rows (ragtune's from the adapter
+folder it wrote).
 
 Each arm runs in its own subprocess so peak RSS (``ru_maxrss``) is not shared. Prints one JSON line per
 metric: epoch_speedup (baseline epoch wall time / ragtune's, goal >= 2), peak_rss_ratio (ragtune /
