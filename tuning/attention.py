@@ -19,6 +19,7 @@ transformers built.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,13 @@ def segments_enabled(model):
             base.set_attn_implementation(before or "sdpa")
 
 
+@functools.lru_cache(maxsize=None)
+def _causal_bias(device: torch.device) -> torch.Tensor:
+    """-inf above the diagonal, 0 elsewhere (1 MB): its top-left L x L corner is the causal bias of any
+    example up to EXPLICIT_MAX tokens, built once instead of once per example and layer."""
+    return torch.full((EXPLICIT_MAX, EXPLICIT_MAX), float("-inf"), device=device).triu_(1)
+
+
 def uses_segments(model) -> bool:
     return getattr(model.config, "_attn_implementation", None) == NAME
 
@@ -81,7 +89,7 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
             # scale goes on q (exact in bf16 for head_dim 64); adding the fp32 causal bias gives fp32 scores
             # for the softmax in one pass
             qg = (q * scale).reshape(1, kv_heads, heads // kv_heads, length, dim)
-            future = torch.full((length, length), float("-inf"), device=q.device).triu_(1)
+            future = _causal_bias(q.device)[:length, :length]
             probs = torch.softmax(torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)) + future, dim=-1)
             out = torch.matmul(probs.to(v.dtype), v.unsqueeze(2))
             outs.append(out.reshape(1, heads, length, dim))
