@@ -105,6 +105,7 @@ def hit_rates(col, questions: list[dict]) -> dict[str, dict[int, float]]:
 
 def synthetic_100k(ws, source, target: int):
     """A collection of ``target`` chunks: the real chunks repeated, vectors jittered and re-normalised."""
+    from core import db
     from rag import store
 
     from rag.collection import IndexConfig
@@ -119,7 +120,7 @@ def synthetic_100k(ws, source, target: int):
     fts = store.fts_table(col.id)
     copies = -(-target // len(rows))
     made = 0
-    with store.transaction(ws.conn) as conn:
+    with db.transaction(ws.conn) as conn:
         for c in range(copies):
             doc_id = conn.execute(
                 "INSERT INTO documents (collection_id, path, root, content_hash, size, text, indexed_at) VALUES (?, ?, '', '', 0, '', 0)",

@@ -185,7 +185,7 @@ def main() -> None:
         switches.append(gen.switch(None) * 1000)
     from peft import PeftModel
 
-    folder = ws.home / "adapters" / adapter
+    folder = ws.layout.adapter_dir(adapter)
     loads = []
     for _ in range(3):
         started = time.perf_counter()

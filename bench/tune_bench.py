@@ -35,6 +35,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from core.workspace import Layout  # noqa: E402  (after the path insert: the bench runs from a checkout)
+
 DATA = [REPO / "corpora" / "corvida" / "instructions" / "A.jsonl", REPO / "corpora" / "corvida" / "instructions" / "B.jsonl"]
 
 
@@ -46,7 +48,7 @@ def prepare(work: Path, n_train: int, n_eval: int, max_len: int, seed: int) -> t
     """Same rows for both arms: rows that fit max_len, shuffled, split into train/eval files."""
     from tuning.data import to_messages, tokenize_example
     from tuning.models import load_tokenizer, resolve_base_model
-    from rag.config import ragtune_home
+    from core.workspace import ragtune_home
 
     tok = load_tokenizer(resolve_base_model("smollm2-135m-instruct", ragtune_home()))
     rows = []
@@ -142,7 +144,7 @@ def worker_ragtune(a) -> dict:
                  f"max_seq_len={a.max_len}", "forgetting_probe=false", "progress=false", "save_steps=100000",
                  f"device={a.device}", f"quant={a.quant}", f"threads={a.threads}", "overwrite=true"]
     m = tune(None, overrides, home=a.home, echo=lambda *_: None)
-    model = PeftModel.from_pretrained(load_base(a), Path(a.home) / "adapters" / "bench")
+    model = PeftModel.from_pretrained(load_base(a), Layout(Path(a.home)).adapter_dir("bench"))
     return {"epoch_seconds": m["train_seconds"] / a.epochs, "peak_rss_mb": peak_rss_mb(),
             "eval_loss": eval_loss(a, AutoTokenizer.from_pretrained(a.model), model), "tokens_per_second": m["tokens_per_second"]}
 
@@ -166,7 +168,7 @@ def main() -> None:
         print("RESULT " + json.dumps(out), flush=True)
         return
 
-    from rag.config import ragtune_home
+    from core.workspace import ragtune_home
     from tuning.models import ensure_packaged_causal_lm
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -186,8 +188,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tune-bench-") as tmp:
         work = Path(tmp)
         home = work / "home"
-        (home / "models").mkdir(parents=True)
-        (home / "models" / model_dir.name).symlink_to(model_dir, target_is_directory=True)
+        models = Layout(home).models
+        models.mkdir(parents=True)
+        (models / model_dir.name).symlink_to(model_dir, target_is_directory=True)
         train, evals = prepare(work, n_train, n_eval, a.max_len, 42)
         results = {}
         for arm in ("baseline", "ragtune"):

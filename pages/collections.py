@@ -3,7 +3,7 @@
 import streamlit as st
 
 from rag.collection import CollectionError
-from rag.config import ConfigError
+from core.config import ConfigError
 from rag.documents import SUPPORTED_SUFFIXES
 from serving import webapp
 

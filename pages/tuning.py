@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from rag.config import ConfigError
+from core.config import ConfigError
 from serving import webapp
 from tuning.errors import TuningError
 
@@ -23,7 +23,7 @@ with st.form("tune"):
                          value="eval_steps=20\nlogging_steps=2\nforgetting_probe=false")
     start = st.form_submit_button("Start training")
 if start:
-    from rag.config import parse_overrides
+    from core.config import parse_overrides
 
     try:
         values = {**{k: v for k, v in webapp.DEMO_TUNE.items() if k not in ("name", "data", "max_steps")},

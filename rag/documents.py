@@ -5,23 +5,53 @@ characters. Structure that matters for citing (a Markdown heading path, a PDF pa
 as *markers*: ``(offset, metadata)`` pairs that hold from ``offset`` until the next marker.
 
 Bad files raise :class:`DocumentError` with a one-line reason that says what to do; the indexer
-records it in the report's ``failed`` list and carries on with the rest.
+records it in the report's ``failed`` list and carries on with the rest. Any other exception a
+parser raises on a damaged file (lxml, pypdf, zipfile internals) is turned into a DocumentError by
+:func:`load_bytes`, so one file never stops a run.
+
+Every loader works under a :class:`Budget`: the text it extracts may not pass ``max_chars`` and
+extraction may not run past ``max_seconds``. Both are checked as the text grows (per page, per
+paragraph, per row, per slice of HTML), so an archive or page that expands to far more text than
+its file size suggests is stopped early. A .docx is a zip: its declared uncompressed sizes are
+checked before anything is inflated (zipfile never inflates a member past its declared size).
 """
 
 from __future__ import annotations
 
 import html.parser
 import json
+import math
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 SUPPORTED_SUFFIXES = (".txt", ".md", ".markdown", ".html", ".htm", ".pdf", ".docx", ".jsonl")
+DEFAULT_MAX_CHARS = 5_000_000  # ~2,500 pages of prose; embedding more than that per file takes hours on a CPU
+DEFAULT_MAX_SECONDS = 60.0
+MARKUP_ALLOWANCE = 4  # bytes of .docx XML allowed per character of text (markup around each run)
 
 
 class DocumentError(Exception):
     """A file that cannot be turned into text; the message is one line and says what to do."""
+
+
+@dataclass
+class Budget:
+    """Limits for one file's extraction: characters of text and seconds (see the module docstring)."""
+
+    max_chars: int = DEFAULT_MAX_CHARS
+    max_seconds: float = DEFAULT_MAX_SECONDS
+    started: float = field(default_factory=time.monotonic)
+
+    def check(self, chars: int) -> None:
+        if chars > self.max_chars:
+            raise DocumentError(f"extracted text passes max_text_chars={self.max_chars:,} characters; split the file "
+                                "or raise max_text_chars in the index config")
+        if time.monotonic() - self.started > self.max_seconds:
+            raise DocumentError(f"extraction took over max_seconds_per_file={self.max_seconds:g}s; split or simplify the "
+                                "file, or raise max_seconds_per_file in the index config")
 
 
 @dataclass
@@ -56,17 +86,20 @@ def _decode_utf8(data: bytes, path: Path) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def load_text(path: Path, data: bytes) -> Document:
-    return Document(_decode_utf8(data, path), str(path), {"format": "text"})
+def load_text(path: Path, data: bytes, budget: Budget) -> Document:
+    text = _decode_utf8(data, path)
+    budget.check(len(text))
+    return Document(text, str(path), {"format": "text"})
 
 
 _HEADING = re.compile(r"^(#{1,6})[ \t]+(.+?)[ \t]*#*[ \t]*$", re.MULTILINE)
 _FENCE = re.compile(r"^(```|~~~).*?^\1", re.MULTILINE | re.DOTALL)
 
 
-def load_markdown(path: Path, data: bytes) -> Document:
+def load_markdown(path: Path, data: bytes, budget: Budget) -> Document:
     """Markdown is kept verbatim (so spans point into the file); headings become markers."""
     text = _decode_utf8(data, path)
+    budget.check(len(text))
     fenced = [(m.start(), m.end()) for m in _FENCE.finditer(text)]
     stack: list[tuple[int, str]] = []
     markers: list[tuple[int, dict[str, Any]]] = []
@@ -164,9 +197,15 @@ class _HTMLText(html.parser.HTMLParser):
             self.heading.append(text)
 
 
-def load_html(path: Path, data: bytes) -> Document:
+HTML_SLICE = 1 << 18
+
+
+def load_html(path: Path, data: bytes, budget: Budget) -> Document:
     parser = _HTMLText()
-    parser.feed(_decode_utf8(data, path))
+    source = _decode_utf8(data, path)
+    for start in range(0, len(source), HTML_SLICE):  # fed in slices so the budget is checked as text grows
+        parser.feed(source[start:start + HTML_SLICE])
+        budget.check(parser.length)
     parser.close()
     raw = "".join(parser.parts)
     text = raw.strip()
@@ -180,7 +219,7 @@ def load_html(path: Path, data: bytes) -> Document:
     return Document(text, str(path), meta, markers)
 
 
-def load_pdf(path: Path, data: bytes) -> Document:
+def load_pdf(path: Path, data: bytes, budget: Budget) -> Document:
     """Pages joined by a blank line; every page starts a marker with its 1-based number."""
     import io
 
@@ -193,7 +232,12 @@ def load_pdf(path: Path, data: bytes) -> Document:
         reader = PdfReader(io.BytesIO(data))
         if reader.is_encrypted:
             raise DocumentError("encrypted PDF; decrypt it first (e.g. qpdf --decrypt in.pdf out.pdf)")
-        pages = [page.extract_text() or "" for page in reader.pages]
+        pages: list[str] = []
+        chars = 0
+        for page in reader.pages:
+            pages.append(page.extract_text() or "")
+            chars += len(pages[-1])
+            budget.check(chars)
     except DocumentError:
         raise
     except (PdfReadError, ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
@@ -214,7 +258,26 @@ def load_pdf(path: Path, data: bytes) -> Document:
     return Document("\n\n".join(parts), str(path), meta, markers)
 
 
-def load_docx(path: Path, data: bytes) -> Document:
+def _check_docx_archive(data: bytes, budget: Budget) -> None:
+    """Refuse a .docx whose parts would inflate past the budget, before inflating anything."""
+    import io
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, ValueError, EOFError) as exc:
+        raise DocumentError(f"broken .docx (not a zip archive: {exc}); re-save it from the word processor") from None
+    xml = sum(m.file_size for m in members if m.filename.endswith((".xml", ".rels")))
+    total = sum(m.file_size for m in members)
+    xml_limit = MARKUP_ALLOWANCE * budget.max_chars
+    if xml > xml_limit or total > xml_limit + 2 * len(data) + (1 << 20):
+        raise DocumentError(
+            f".docx expands to {max(xml, total) / 2**20:,.0f} MiB when unpacked ({len(data) / 2**10:,.0f} KiB packed), more "
+            f"than max_text_chars={budget.max_chars:,} allows; split the document or raise max_text_chars")
+
+
+def load_docx(path: Path, data: bytes, budget: Budget) -> Document:
     import io
     import zipfile
 
@@ -222,6 +285,7 @@ def load_docx(path: Path, data: bytes) -> Document:
         import docx  # python-docx
     except ImportError as exc:  # pragma: no cover - a declared dependency
         raise DocumentError("python-docx is not installed: pip install python-docx") from exc
+    _check_docx_archive(data, budget)
     try:
         document = docx.Document(io.BytesIO(data))
     except (zipfile.BadZipFile, KeyError, ValueError) as exc:
@@ -244,31 +308,39 @@ def load_docx(path: Path, data: bytes) -> Document:
             markers.append((offset, {"section": " > ".join(h for _, h in stack)}))
         parts.append(text)
         offset += len(text) + 2
+        budget.check(offset)
     if not parts:
         raise DocumentError("empty .docx: no paragraphs with text")
     return Document("\n\n".join(parts), str(path), {"format": "docx"}, markers)
 
 
-def load_jsonl(path: Path, data: bytes) -> Document:
+def load_jsonl(path: Path, data: bytes, budget: Budget) -> Document:
     """One document per file: each row's ``text`` field, rows separated by a blank line.
 
     Every row becomes a marker carrying its line number and its other scalar fields, so a hit
     can be traced back to its row.
     """
     text = _decode_utf8(data, path)
+    budget.check(len(text))
     parts: list[str] = []
     markers: list[tuple[int, dict[str, Any]]] = []
     offset = 0
     for lineno, line in enumerate(text.split("\n"), start=1):
+        if lineno % 1000 == 0:
+            budget.check(offset)
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DocumentError(f"line {lineno}: not JSON ({exc.msg}); fix or remove that line") from None
+        except RecursionError:
+            raise DocumentError(f"line {lineno}: JSON nested too deeply; fix or remove that line") from None
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
             raise DocumentError(f'line {lineno}: needs a string "text" field, e.g. {{"text": "..."}}')
-        extra = {k: v for k, v in row.items() if k != "text" and isinstance(v, (str, int, float, bool))}
+        # scalars only, and no NaN/Infinity: SQLite's JSON functions (used by --where filters) refuse them
+        extra = {k: v for k, v in row.items() if k != "text" and isinstance(v, (str, int, float, bool))
+                 and not (isinstance(v, float) and not math.isfinite(v)) and not (isinstance(v, int) and abs(v) >= 2**63)}
         markers.append((offset, {"row": lineno, **extra}))
         parts.append(row["text"])
         offset += len(row["text"]) + 2
@@ -277,7 +349,7 @@ def load_jsonl(path: Path, data: bytes) -> Document:
     return Document("\n\n".join(parts), str(path), {"format": "jsonl"}, markers)
 
 
-LOADERS: dict[str, Callable[[Path, bytes], Document]] = {
+LOADERS: dict[str, Callable[[Path, bytes, Budget], Document]] = {
     ".txt": load_text,
     ".md": load_markdown,
     ".markdown": load_markdown,
@@ -289,14 +361,25 @@ LOADERS: dict[str, Callable[[Path, bytes], Document]] = {
 }
 
 
-def load_bytes(path: Path, data: bytes, source: str | None = None) -> Document:
-    """Turn ``data`` (the content of ``path``) into a Document; raises DocumentError."""
+def load_bytes(path: Path, data: bytes, source: str | None = None, budget: Budget | None = None) -> Document:
+    """Turn ``data`` (the content of ``path``) into a Document; raises DocumentError, whatever went wrong
+    inside the parser (a damaged file must never stop the files after it)."""
     loader = LOADERS.get(path.suffix.lower())
     if loader is None:
         raise DocumentError(
             f"unsupported file type {path.suffix or '(none)'}; supported: {', '.join(SUPPORTED_SUFFIXES)}"
         )
-    document = loader(path, data)
+    budget = budget or Budget()
+    try:
+        document = loader(path, data, budget)
+    except DocumentError:
+        raise
+    except MemoryError:
+        raise DocumentError("ran out of memory extracting the text; split the file or lower max_text_chars") from None
+    except Exception as exc:  # noqa: BLE001 - parsers raise many internal types on damaged input
+        detail = " ".join(str(exc).split())[:160]
+        raise DocumentError(f"cannot read this {path.suffix.lower()} file ({type(exc).__name__}: {detail}); "
+                            "re-save or repair it") from None
     if not document.text.strip():
         raise DocumentError("no text after extraction")
     document.source = source or path.name

@@ -15,9 +15,10 @@ from typing import Any
 from langchain_core.callbacks import CallbackManagerForRetrieverRun
 from langchain_core.documents import Document as LCDocument
 from langchain_core.retrievers import BaseRetriever
-from pydantic import ConfigDict
+from pydantic import ConfigDict, field_validator
 
 from rag.collection import Collection, Workspace
+from rag.search import parse_where
 
 
 class CollectionRetriever(BaseRetriever):
@@ -27,6 +28,12 @@ class CollectionRetriever(BaseRetriever):
     where: dict[str, str] | None = None
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    @field_validator("where", mode="before")
+    @classmethod
+    def _check_where(cls, value: Any) -> Any:
+        """The same key rule as ``--where`` (checked again on every search)."""
+        return parse_where(value) or None
 
     @classmethod
     def from_workspace(cls, name: str, home: str | None = None, **kwargs: Any) -> "CollectionRetriever":

@@ -48,31 +48,59 @@ class Hit:
         return asdict(self)
 
 
-def parse_where(where: list[str] | dict[str, str] | None) -> dict[str, str]:
+FILTER_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+MAX_FILTER_VALUE = 1000
+
+
+def check_filter(key: object, value: object) -> tuple[str, str]:
+    """One ``KEY=VALUE`` filter, the same rule whether it came as a string or a dict entry: the key is
+    a plain metadata name (it becomes a JSON path), the value a string, number or boolean."""
+    if not isinstance(key, str) or not FILTER_KEY_RE.fullmatch(key):
+        raise ValueError(f"filter key {key!r} must be a plain name (letters, digits, underscore; at most 64), "
+                         "for example section or doc")
+    if isinstance(value, bool):
+        value = "1" if value else "0"  # json_extract of a JSON true/false, cast to text, reads 1/0
+    if not isinstance(value, (str, int, float)) or (isinstance(value, float) and value != value):
+        raise ValueError(f"filter {key}: value {value!r} must be a string or a number")
+    value = str(value)
+    if len(value) > MAX_FILTER_VALUE:
+        raise ValueError(f"filter {key}: value is {len(value)} characters long; at most {MAX_FILTER_VALUE}")
+    return key, value
+
+
+def parse_where(where: list[str] | tuple[str, ...] | str | dict[str, str] | None) -> dict[str, str]:
+    """Filters from ``["KEY=VALUE", ...]`` (CLI), one ``"KEY=VALUE"`` string or a ``{key: value}`` dict
+    (Python API, LangChain). Every key is checked by :func:`check_filter` whatever the form."""
     if not where:
         return {}
     if isinstance(where, dict):
-        return {str(k): str(v) for k, v in where.items()}
+        return dict(check_filter(k, v) for k, v in where.items())
+    if isinstance(where, str):
+        where = [where]
+    if not isinstance(where, (list, tuple)):
+        raise ValueError(f"filters must be a list of KEY=VALUE strings or a dict, got {type(where).__name__}")
     out = {}
     for item in where:
-        if "=" not in item:
+        if not isinstance(item, str) or "=" not in item:
             raise ValueError(f"filter {item!r} is not KEY=VALUE (example: --where section=Warranty or --where doc='policies/*')")
         key, value = item.split("=", 1)
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key.strip()):
-            raise ValueError(f"filter key {key!r} must be a plain name (letters, digits, underscore)")
-        out[key.strip()] = value
+        key, value = check_filter(key.strip(), value)
+        out[key] = value
     return out
 
 
 def where_sql(where: dict[str, str]) -> tuple[str, list[Any]]:
-    """SQL condition over ``chunks c JOIN documents d`` for the filters."""
+    """SQL condition over ``chunks c JOIN documents d`` for the filters. Keys are checked again here and
+    travel as parameters (a JSON path), so no caller can put a key into the SQL text."""
     clauses, params = [], []
     for key, value in where.items():
+        key, value = check_filter(key, value)
         if key == "doc":
             clauses.append("d.path GLOB ?")
+            params.append(value)
         else:
-            clauses.append(f"CAST(json_extract(c.metadata_json, '$.{key}') AS TEXT) = ?")
-        params.append(value)
+            clauses.append("CAST(json_extract(c.metadata_json, ?) AS TEXT) = ?")
+            params += [f"$.{key}", value]
     return (" AND ".join(clauses) or "1"), params
 
 

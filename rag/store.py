@@ -1,40 +1,30 @@
-"""Storage: one SQLite database per workspace, FAISS files per collection.
+"""Storage: every SQL statement about collections, documents and chunks (one SQLite database per
+workspace; the connection, transaction and migration machinery is :mod:`core.db`).
 
 SQLite is the source of truth: documents (with their full text, so spans can be shown and a
 collection re-embedded without the original files), chunks with their vectors, and one FTS5 table
-per collection for BM25. The FAISS file is a fast copy of the stored vectors, named after the
-collection's ``version`` (bumped in the same transaction as every change): it is written to a temp
-name and renamed, and when the file for the current version is missing (a crash between commit and
-write, or a newer write by another process) it is rebuilt from SQLite. So a kill at any moment
-leaves a consistent store.
-
-Schema changes are numbered, append-only migrations (tested on ``:memory:``).
+per collection for BM25. The FAISS file (:mod:`rag.vector_index`) is a fast copy of the stored
+vectors, named after the collection's ``version``, which every change bumps in its own
+transaction. Schema changes are numbered, append-only migrations (tested on ``:memory:``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
-import tempfile
 import time
-from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
-Migration = Callable[[sqlite3.Connection], None]
+from core import db
 
-
-def run_script(conn: sqlite3.Connection, sql: str) -> None:
-    """Run ``;``-separated statements inside the current transaction (``executescript`` would
-    commit it). Migrations must not use ``;`` inside a statement."""
-    for statement in sql.split(";"):
-        if statement.strip():
-            conn.execute(statement)
+NAMESPACE = "rag"
 
 
 def _m001_collections(conn: sqlite3.Connection) -> None:
-    run_script(conn, 
+    db.run_script(conn,
         """
         CREATE TABLE collections (
             id INTEGER PRIMARY KEY,
@@ -77,70 +67,30 @@ def _m001_collections(conn: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: list[tuple[str, Migration]] = [
+MIGRATIONS: list[tuple[str, db.Migration]] = [
     ("collections, documents, chunks", _m001_collections),
 ]
 
 
-def migrate(conn: sqlite3.Connection, migrations: list[tuple[str, Migration]] | None = None,
-            namespace: str = "rag") -> list[int]:
-    """Apply the migrations of ``namespace`` not applied yet, each in its own transaction.
-
-    Each layer keeps its own numbered list (``rag`` here; ``serving`` adds chats, feedback and
-    evaluation runs) so nothing below has to know the tables of the layers above it.
-    Returns the numbers applied now.
-    """
-    migrations = MIGRATIONS if migrations is None else migrations
-    conn.execute("CREATE TABLE IF NOT EXISTS _migrations (namespace TEXT NOT NULL, id INTEGER NOT NULL, "
-                 "name TEXT NOT NULL, applied_at REAL NOT NULL, PRIMARY KEY (namespace, id))")
-    done = {row[0] for row in conn.execute("SELECT id FROM _migrations WHERE namespace = ?", (namespace,))}
-    applied = []
-    for number, (name, step) in enumerate(migrations, start=1):
-        if number in done:
-            continue
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            # another process may have migrated while we waited for the write lock
-            if conn.execute("SELECT 1 FROM _migrations WHERE namespace = ? AND id = ?", (namespace, number)).fetchone():
-                conn.execute("COMMIT")
-                continue
-            step(conn)
-            conn.execute("INSERT INTO _migrations (namespace, id, name, applied_at) VALUES (?, ?, ?, ?)",
-                         (namespace, number, name, time.time()))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        applied.append(number)
-    return applied
-
-
-def connect(path: str | os.PathLike) -> sqlite3.Connection:
-    """A connection in autocommit mode (transactions are explicit), WAL, foreign keys on."""
-    conn = sqlite3.connect(str(path), timeout=60, isolation_level=None, check_same_thread=False)
-    conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA foreign_keys = ON")
-    conn.execute("PRAGMA busy_timeout = 60000")
-    if str(path) != ":memory:":
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
-    migrate(conn)
+def open_db(path: str | os.PathLike) -> sqlite3.Connection:
+    """A connection to the workspace database with the rag tables migrated."""
+    conn = db.connect(path)
+    db.migrate(conn, MIGRATIONS, NAMESPACE)
     return conn
 
 
-class transaction:
-    """``with transaction(conn): ...`` -> BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception."""
+# --- vectors ---------------------------------------------------------------------------------
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
+def vector_to_blob(vector: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vector, dtype=np.float32).tobytes()
 
-    def __enter__(self) -> sqlite3.Connection:
-        self.conn.execute("BEGIN IMMEDIATE")
-        return self.conn
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+def blobs_to_matrix(blobs: Iterable[bytes], dimension: int) -> np.ndarray:
+    data = b"".join(blobs)
+    return np.frombuffer(data, dtype=np.float32).reshape(-1, dimension) if data else np.zeros((0, dimension), np.float32)
 
+
+# --- FTS5 ------------------------------------------------------------------------------------
 
 def fts_table(collection_id: int) -> str:
     return f"fts_{int(collection_id)}"
@@ -157,68 +107,146 @@ def drop_fts(conn: sqlite3.Connection, collection_id: int) -> None:
     conn.execute(f"DROP TABLE IF EXISTS {fts_table(collection_id)}")
 
 
-def vector_to_blob(vector: np.ndarray) -> bytes:
-    return np.ascontiguousarray(vector, dtype=np.float32).tobytes()
+# --- collections -----------------------------------------------------------------------------
+
+def collection_row(conn: sqlite3.Connection, name: str) -> sqlite3.Row | None:
+    return conn.execute("SELECT * FROM collections WHERE name = ?", (name,)).fetchone()
 
 
-def blobs_to_matrix(blobs: Iterable[bytes], dimension: int) -> np.ndarray:
-    data = b"".join(blobs)
-    return np.frombuffer(data, dtype=np.float32).reshape(-1, dimension) if data else np.zeros((0, dimension), np.float32)
+def collection_names(conn: sqlite3.Connection) -> list[str]:
+    """Names of the finished collections (a ``name~reindex`` being rebuilt is hidden)."""
+    return [r[0] for r in conn.execute("SELECT name FROM collections WHERE name NOT LIKE '%~%' ORDER BY name")]
 
 
-# --- FAISS files -----------------------------------------------------------------------------
-
-def new_faiss_index(index_type: str, dimension: int):
-    import faiss
-
-    if index_type == "flat":
-        base = faiss.IndexFlatIP(dimension)
-    elif index_type == "hnsw":
-        base = faiss.IndexHNSWFlat(dimension, 32, faiss.METRIC_INNER_PRODUCT)
-        base.hnsw.efConstruction = 80
-        base.hnsw.efSearch = 64
-    else:
-        raise ValueError(f"unknown index type {index_type!r}; use flat or hnsw")
-    return faiss.IndexIDMap2(base)
-
-
-def faiss_path(folder: Path, version: int) -> Path:
-    return folder / f"index-v{version}.faiss"
-
-
-def write_faiss(index, folder: Path, version: int) -> Path:
-    """Write atomically (temp file + rename), then remove files of older versions."""
-    import faiss
-
-    folder.mkdir(parents=True, exist_ok=True)
-    target = faiss_path(folder, version)
-    fd, tmp = tempfile.mkstemp(prefix=".index-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        faiss.write_index(index, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    for old in folder.glob("index-v*.faiss"):
-        if old != target:
-            try:
-                if int(old.stem.split("-v")[1]) < version:
-                    old.unlink()
-            except (ValueError, IndexError, FileNotFoundError):
-                pass
-    return target
-
-
-def read_faiss(folder: Path, version: int):
-    import faiss
-
-    path = faiss_path(folder, version)
-    if not path.exists():
+def insert_collection(conn: sqlite3.Connection, name: str, embedding_model: str, dimension: int, index_type: str,
+                      config: dict[str, Any]) -> int | None:
+    """Insert a collection and its FTS table inside the caller's (IMMEDIATE) transaction; returns its
+    id, or None when another process created ``name`` first (the caller decides what that means)."""
+    if conn.execute("SELECT 1 FROM collections WHERE name = ?", (name,)).fetchone() is not None:
         return None
+    now = time.time()
+    cid = conn.execute(
+        "INSERT INTO collections (name, embedding_model, dimension, index_type, config_json, version, created_at, updated_at) "
+        "VALUES (?, ?, ?, ?, ?, 0, ?, ?)",
+        (name, embedding_model, dimension, index_type, json.dumps(config), now, now)).lastrowid
+    create_fts(conn, int(cid))
+    return int(cid)
+
+
+def delete_collection(conn: sqlite3.Connection, collection_id: int) -> None:
+    drop_fts(conn, collection_id)
+    conn.execute("DELETE FROM collections WHERE id = ?", (collection_id,))
+
+
+def rename_collection(conn: sqlite3.Connection, collection_id: int, name: str) -> None:
+    conn.execute("UPDATE collections SET name = ? WHERE id = ?", (name, collection_id))
+
+
+def version(conn: sqlite3.Connection, collection_id: int) -> int | None:
+    row = conn.execute("SELECT version FROM collections WHERE id = ?", (collection_id,)).fetchone()
+    return None if row is None else int(row[0])
+
+
+def bump_version(conn: sqlite3.Connection, collection_id: int) -> int:
+    conn.execute("UPDATE collections SET version = version + 1, updated_at = ? WHERE id = ?", (time.time(), collection_id))
+    return int(conn.execute("SELECT version FROM collections WHERE id = ?", (collection_id,)).fetchone()[0])
+
+
+# --- documents and chunks ----------------------------------------------------------------------
+
+def stored_hashes(conn: sqlite3.Connection, collection_id: int) -> dict[str, tuple[str, str | None]]:
+    """path -> (content hash, indexed root) of every document in the collection."""
+    return {r["path"]: (r["content_hash"], r["root"]) for r in conn.execute(
+        "SELECT path, content_hash, root FROM documents WHERE collection_id = ?", (collection_id,))}
+
+
+def stored_documents(conn: sqlite3.Connection, collection_id: int) -> list[sqlite3.Row]:
+    """Everything needed to re-chunk each document without its file (for reindex)."""
+    return conn.execute(
+        "SELECT path, root, content_hash, size, text, metadata_json, markers_json FROM documents "
+        "WHERE collection_id = ? ORDER BY path", (collection_id,)).fetchall()
+
+
+def delete_document(conn: sqlite3.Connection, collection_id: int, path: str) -> list[int] | None:
+    """Delete one document, its chunks and their FTS rows; returns the removed chunk ids (None if absent)."""
+    row = conn.execute("SELECT id FROM documents WHERE collection_id = ? AND path = ?", (collection_id, path)).fetchone()
+    if row is None:
+        return None
+    fts = fts_table(collection_id)
+    rows = conn.execute("SELECT id, text FROM chunks WHERE document_id = ?", (int(row[0]),)).fetchall()
+    conn.executemany(f"INSERT INTO {fts} ({fts}, rowid, text) VALUES ('delete', ?, ?)", [(r[0], r[1]) for r in rows])
+    conn.execute("DELETE FROM documents WHERE id = ?", (int(row[0]),))
+    return [int(r[0]) for r in rows]
+
+
+def insert_document(conn: sqlite3.Connection, collection_id: int, *, path: str, root: str | None, content_hash: str,
+                    size: int, text: str, metadata: dict, markers: list, chunks: list, vectors: np.ndarray) -> list[int]:
+    """Insert a document with its chunks (and their FTS rows); returns the new chunk ids."""
+    fts = fts_table(collection_id)
+    doc_id = conn.execute(
+        "INSERT INTO documents (collection_id, path, root, content_hash, size, text, metadata_json, markers_json, indexed_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (collection_id, path, root, content_hash, size, text, json.dumps(metadata), json.dumps(markers), time.time())).lastrowid
+    ids = []
+    for chunk, vector in zip(chunks, vectors):
+        chunk_id = conn.execute(
+            "INSERT INTO chunks (document_id, collection_id, ordinal, start, end, text, metadata_json, vector) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (doc_id, collection_id, chunk.ordinal, chunk.start, chunk.end, chunk.text, json.dumps(chunk.metadata),
+             vector_to_blob(vector))).lastrowid
+        conn.execute(f"INSERT INTO {fts} (rowid, text) VALUES (?, ?)", (chunk_id, chunk.text))
+        ids.append(int(chunk_id))
+    return ids
+
+
+def chunk_count(conn: sqlite3.Connection, collection_id: int) -> int:
+    return int(conn.execute("SELECT COUNT(*) FROM chunks WHERE collection_id = ?", (collection_id,)).fetchone()[0])
+
+
+def document_count(conn: sqlite3.Connection, collection_id: int) -> int:
+    return int(conn.execute("SELECT COUNT(*) FROM documents WHERE collection_id = ?", (collection_id,)).fetchone()[0])
+
+
+def chunk_ids(conn: sqlite3.Connection, collection_id: int) -> set[int]:
+    return {int(r[0]) for r in conn.execute("SELECT id FROM chunks WHERE collection_id = ?", (collection_id,))}
+
+
+def snapshot_vectors(conn: sqlite3.Connection, collection_id: int) -> tuple[int, list[sqlite3.Row]]:
+    """(version, [(chunk id, vector blob)]) read in one snapshot, so the two agree."""
+    conn.execute("BEGIN")
     try:
-        return faiss.read_index(str(path))
-    except RuntimeError:
-        return None  # a damaged file is rebuilt from SQLite
+        current = version(conn, collection_id)
+        rows = conn.execute("SELECT id, vector FROM chunks WHERE collection_id = ? ORDER BY id", (collection_id,)).fetchall()
+    finally:
+        conn.execute("COMMIT")
+    if current is None:
+        raise LookupError(f"collection {collection_id} was dropped")
+    return current, rows
+
+
+def vectors_by_id(conn: sqlite3.Connection, ids: list[int]) -> dict[int, np.ndarray]:
+    if not ids:
+        return {}
+    marks = ",".join("?" * len(ids))
+    rows = conn.execute(f"SELECT id, vector FROM chunks WHERE id IN ({marks})", ids).fetchall()
+    return {int(r[0]): np.frombuffer(r[1], dtype=np.float32) for r in rows}
+
+
+def document_summaries(conn: sqlite3.Connection, collection_id: int) -> list[dict[str, Any]]:
+    rows = conn.execute(
+        "SELECT d.path, d.content_hash, d.size, d.indexed_at, d.metadata_json, COUNT(c.id) AS chunks "
+        "FROM documents d LEFT JOIN chunks c ON c.document_id = d.id WHERE d.collection_id = ? "
+        "GROUP BY d.id ORDER BY d.path", (collection_id,)).fetchall()
+    return [{"path": r["path"], "content_hash": r["content_hash"], "size": r["size"], "chunks": r["chunks"],
+             "indexed_at": r["indexed_at"], "metadata": json.loads(r["metadata_json"])} for r in rows]
+
+
+def document_text(conn: sqlite3.Connection, collection_id: int, path: str) -> str | None:
+    row = conn.execute("SELECT text FROM documents WHERE collection_id = ? AND path = ?", (collection_id, path)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def document_chunks(conn: sqlite3.Connection, collection_id: int, path: str) -> list[sqlite3.Row]:
+    return conn.execute(
+        "SELECT c.id, c.text, c.start, c.end, c.ordinal, c.metadata_json FROM chunks c JOIN documents d ON d.id = c.document_id "
+        "WHERE d.collection_id = ? AND d.path = ? ORDER BY c.start", (collection_id, path)).fetchall()

@@ -33,7 +33,8 @@ JsonOption = typer.Option(False, "--json", help="print machine-readable JSON")
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types whose message is meant for the user (each says how to fix it)."""
     from rag.collection import CollectionError
-    from rag.config import ConfigError
+    from core.config import ConfigError
+    from core.names import InvalidName
     from rag.documents import DocumentError
     from rag.embeddings import EmbeddingModelError
 
@@ -41,7 +42,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from serving.config import ServingError
     from tuning.errors import TuningError
 
-    return (CollectionError, ConfigError, DocumentError, EmbeddingModelError, TuningError, SquadImportError, ServingError)
+    return (CollectionError, ConfigError, DocumentError, EmbeddingModelError, TuningError, SquadImportError, ServingError,
+            InvalidName)
 
 
 def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
@@ -77,7 +79,7 @@ def index_cmd(
     Example: ragtune index corpora/corvida/docs --collection corvida --sync
     """
     from rag.collection import IndexConfig
-    from rag.config import build_config
+    from core.config import build_config
 
     ws = workspace(home)
     values: dict[str, Any] = {}
@@ -201,8 +203,19 @@ ServeConfigOption = typer.Option(None, "--config", help="serving config YAML (ke
 ServeSetOption = typer.Option([], "--set", help="override a serving config key, e.g. --set k=6 (repeatable)")
 
 
+def _check_names(collection: Optional[str], adapter: Optional[str]) -> None:
+    """Refuse a collection or adapter name that is a path before the model loads (seconds saved, and
+    the same rule the workspace applies: core.names)."""
+    from core.names import check_name
+
+    if collection is not None:
+        check_name(collection, "collection name")
+    if adapter is not None:
+        check_name(adapter, "adapter name")
+
+
 def _assistant(home: Optional[str], config: Optional[Path], overrides: List[str], log: bool = True):
-    from rag.config import load_config
+    from core.config import load_config
     from serving.assistant import Assistant
     from serving.config import ServeConfig, ServingError
 
@@ -213,11 +226,9 @@ def _assistant(home: Optional[str], config: Optional[Path], overrides: List[str]
 
 
 def _infer_mode(mode: Optional[str], collection: Optional[str], adapter: Optional[str]) -> str:
-    if mode:
-        return mode
-    if collection:
-        return "rag+ft" if adapter else "rag"
-    return "ft" if adapter else "base"
+    from serving.modes import infer_mode
+
+    return mode or infer_mode(collection, adapter)
 
 
 def _print_sources(answer: Any) -> None:
@@ -253,6 +264,7 @@ def ask_cmd(
         fail("empty question: type a question")
     if mode and mode not in MODES:
         fail(f"unknown mode {mode!r}; use one of: {', '.join(MODES)}")
+    _check_names(collection, adapter)
     assistant = _assistant(home, config, overrides)
     try:
         stream = assistant.stream(question, _infer_mode(mode, collection, adapter), collection, adapter, k=k,
@@ -284,6 +296,7 @@ def chat_cmd(
     from serving.config import ServingError
     from serving.prompts import Turn
 
+    _check_names(collection, adapter)
     assistant = _assistant(home, config, overrides)
     mode = _infer_mode(mode, collection, adapter)
     history: list[Any] = []
@@ -325,7 +338,8 @@ def serve_cmd(
 
     Example: ragtune serve --port 8000 --set quantize=int8
     """
-    from rag.config import load_config, ragtune_home
+    from core.config import load_config
+    from core.workspace import ragtune_home
     from serving.config import ServeConfig, ServingError
     from serving.generation import LocalGenerator
     from serving.openai_server import make_server

@@ -1,11 +1,11 @@
-"""The serving config: :class:`ServeConfig` (defaults < YAML < ``key=value``, see :mod:`rag.config`)."""
+"""The serving config: :class:`ServeConfig` (defaults < YAML < ``key=value``, see :mod:`core.config`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-from rag.config import ConfigError, field
+from core.config import ConfigError, field
 
 Mode = Literal["base", "rag", "ft", "rag+ft"]
 MODES: tuple[str, ...] = ("base", "rag", "ft", "rag+ft")

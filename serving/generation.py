@@ -206,7 +206,7 @@ class LocalGenerator:
                  quantize: str = "auto", device: str = "auto", threads: int = 0) -> None:
         import torch
 
-        from rag.config import ragtune_home
+        from core.workspace import ragtune_home
         from tuning.errors import TuningError
         from tuning.models import load_causal_lm, load_tokenizer, pick_device, resolve_base_model, weights_hash
 
@@ -276,12 +276,13 @@ class LocalGenerator:
         return None
 
     def check_adapter(self, name: str) -> tuple[Path, dict[str, Any]]:
+        from core.names import InvalidName
         from tuning.adapters import get_adapter
         from tuning.errors import TuningError
 
         try:
             folder, manifest = get_adapter(self.home, name)
-        except TuningError as exc:
+        except (TuningError, InvalidName) as exc:
             raise ServingError(str(exc)) from None
         base = manifest.get("base_model") or {}
         why = self._incompatibility(name, manifest.get("task", "sft"), manifest.get("method"), base.get("id"), base.get("sha256"))

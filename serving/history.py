@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rag import store
-from rag.store import run_script
+from core import db
+from core.db import run_script
 
 
 def _m001_chats(conn: sqlite3.Connection) -> None:
@@ -89,15 +89,15 @@ class ChatStore:
     def conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = store.connect(self.db_path)
-            store.migrate(conn, MIGRATIONS, namespace=NAMESPACE)
+            conn = db.connect(self.db_path)
+            db.migrate(conn, MIGRATIONS, namespace=NAMESPACE)
             self._local.conn = conn
         return conn
 
     # --- chats --------------------------------------------------------------------------------
     def new_chat(self, title: str) -> int:
         now = time.time()
-        with store.transaction(self.conn) as conn:
+        with db.transaction(self.conn) as conn:
             return int(conn.execute("INSERT INTO chats (title, created_at, updated_at) VALUES (?, ?, ?)",
                                     (title.strip()[:80] or "chat", now, now)).lastrowid)
 
@@ -108,14 +108,14 @@ class ChatStore:
         return [dict(r) for r in rows]
 
     def delete_chat(self, chat_id: int) -> None:
-        with store.transaction(self.conn) as conn:
+        with db.transaction(self.conn) as conn:
             conn.execute("DELETE FROM chats WHERE id = ?", (chat_id,))
 
     def log_exchange(self, chat_id: int, question: str, answer: Any) -> tuple[int, int]:
         """Store a question and its :class:`serving.assistant.Answer`; returns (question id, answer id)."""
         now = time.time()
         timings = dict(answer.timings)
-        with store.transaction(self.conn) as conn:
+        with db.transaction(self.conn) as conn:
             if conn.execute("SELECT 1 FROM chats WHERE id = ?", (chat_id,)).fetchone() is None:
                 raise ValueError(f"no chat {chat_id}; start a new chat")
             q_id = conn.execute(
@@ -147,7 +147,7 @@ class ChatStore:
     def set_feedback(self, message_id: int, vote: int, comment: str = "") -> None:
         if vote not in (-1, 1):
             raise ValueError("vote must be 1 (thumbs up) or -1 (thumbs down)")
-        with store.transaction(self.conn) as conn:
+        with db.transaction(self.conn) as conn:
             row = conn.execute("SELECT role FROM messages WHERE id = ?", (message_id,)).fetchone()
             if row is None or row[0] != "assistant":
                 raise ValueError(f"no answer with id {message_id} to vote on")
@@ -164,14 +164,14 @@ class ChatStore:
 
     # --- tuning runs --------------------------------------------------------------------------
     def add_run(self, name: str, config_path: str | None, overrides: list[str], pid: int, output_path: str) -> int:
-        with store.transaction(self.conn) as conn:
+        with db.transaction(self.conn) as conn:
             return int(conn.execute(
                 "INSERT INTO tuning_runs (name, config_path, overrides_json, pid, status, output_path, started_at) "
                 "VALUES (?, ?, ?, ?, 'running', ?, ?)",
                 (name, config_path, json.dumps(overrides), pid, output_path, time.time())).lastrowid)
 
     def finish_run(self, run_id: int, status: str, returncode: int | None) -> None:
-        with store.transaction(self.conn) as conn:
+        with db.transaction(self.conn) as conn:
             conn.execute("UPDATE tuning_runs SET status = ?, returncode = ?, ended_at = ? WHERE id = ? AND status = 'running'",
                          (status, returncode, time.time(), run_id))
 
@@ -185,6 +185,6 @@ class ChatStore:
 
 
 def open_store(home: str | os.PathLike | None = None) -> ChatStore:
-    from rag.config import ragtune_home
+    from core.workspace import Layout
 
-    return ChatStore(Path(ragtune_home(home)) / "ragtune.db")
+    return ChatStore(Layout.open(home).db)

@@ -2,7 +2,7 @@
 
 ``register(app)`` adds them to the lead's typer app in ``serving/cli.py``. Heavy imports happen inside
 the commands so ``ragtune --help`` stays fast. User-fixable problems raise ``tuning.errors.TuningError``
-(or ``rag.config.ConfigError``), which the CLI prints as one line.
+(or ``core.config.ConfigError``), which the CLI prints as one line.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def adapters_list(
     if ctx.invoked_subcommand is not None:
         ctx.obj = {"home": home}
         return
-    from rag.config import ragtune_home
+    from core.workspace import ragtune_home
     from tuning.adapters import list_adapters
 
     items = list_adapters(ragtune_home(home))
@@ -94,7 +94,7 @@ def adapters_rm(ctx: typer.Context, name: str = typer.Argument(..., help="adapte
 
     Example: ragtune adapters rm corvida-try
     """
-    from rag.config import ragtune_home
+    from core.workspace import ragtune_home
     from tuning.adapters import remove_adapter
 
     path = remove_adapter(ragtune_home(_home_from(ctx, home)), name)
@@ -112,7 +112,7 @@ def adapters_merge(
 
     Example: ragtune adapters merge corvida-lora --out merged/corvida
     """
-    from rag.config import ragtune_home
+    from core.workspace import ragtune_home
     from tuning.adapters import merge_adapter
 
     path = merge_adapter(ragtune_home(_home_from(ctx, home)), name, out)

@@ -26,7 +26,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from rag.config import ragtune_home
+from core.workspace import ragtune_home
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_COLLECTION = "corvida"
@@ -70,7 +70,7 @@ def chat_store(home: str):
 @_cache_resource
 def assistant(home: str, config_json: str):
     """One assistant per (home, serving config): the model loads once for every session."""
-    from rag.config import build_config
+    from core.config import build_config
     from serving.assistant import Assistant
     from serving.config import ServeConfig
     from serving.generation import make_generator
@@ -89,7 +89,7 @@ def job_registry() -> "JobRegistry":
 
 def serve_config_json(overrides: dict[str, Any] | None = None) -> str:
     """The serving config for the app: $RAGTUNE_SERVE_CONFIG (a YAML file) < overrides, as a cache key."""
-    from rag.config import config_to_dict, load_config
+    from core.config import config_to_dict, load_config
     from serving.config import ServeConfig
 
     path = os.environ.get("RAGTUNE_SERVE_CONFIG") or None

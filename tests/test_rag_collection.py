@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from rag import store
+from rag import vector_index
 from rag.collection import CollectionError, IndexConfig, Workspace
 from rag.langchain import CollectionRetriever
 
@@ -136,7 +136,7 @@ def test_faiss_file_missing_or_damaged_is_rebuilt_from_sqlite(home, small_docs):
     ws = Workspace(home)
     ws.index("demo", [small_docs])
     col = ws.get("demo")
-    path = store.faiss_path(col.folder, col.version())
+    path = vector_index.faiss_path(col.folder, col.version())
     path.write_bytes(b"garbage")
     fresh = Workspace(home).get("demo")
     assert fresh.search("warranty", k=1)[0].doc == "manuals/hx.md"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import write_jsonl
-from rag.config import ConfigError
+from core.config import ConfigError
 from tuning.config import TuneConfig, load_tune_config, yaml_template
 from tuning.data import (PackingCollator, TokenStats, detect_format, load_records, render_segments, tokenize_example,
                          to_messages)

@@ -10,21 +10,29 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
+from core.names import InvalidName
+from core.workspace import Layout
 from tuning.errors import AdapterError
 
 MANIFEST = "ragtune.json"
 
 
 def adapters_root(home: Path) -> Path:
-    return Path(home) / "adapters"
+    return Layout(Path(home)).adapters
 
 
 def adapter_dir(home: Path, name: str) -> Path:
-    return adapters_root(home) / name
+    """``<home>/adapters/<name>``; an adapter name that is not a plain name (``../x``, ``./x``, ``/abs``,
+    a symlink out of the folder) is refused with AdapterError, so no adapter is read or deleted elsewhere."""
+    try:
+        return Layout(Path(home)).adapter_dir(name)
+    except InvalidName as exc:
+        raise AdapterError(f"{exc}; list adapters with `ragtune adapters`") from None
 
 
 def file_sha256(path: str | Path) -> str:
@@ -51,7 +59,7 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
 
 def get_adapter(home: Path, name: str) -> tuple[Path, dict[str, Any]]:
     folder = adapter_dir(home, name)
-    if not folder.is_dir():
+    if folder.is_symlink() or not folder.is_dir():
         known = ", ".join(a["name"] for a in list_adapters(home)) or "none yet"
         raise AdapterError(f"no adapter named {name!r} (known: {known}); train one with `ragtune tune CONFIG name={name}`")
     return folder, read_manifest(folder)
@@ -87,7 +95,11 @@ def list_adapters(home: Path) -> list[dict[str, Any]]:
 
 def remove_adapter(home: Path, name: str) -> Path:
     folder, _ = get_adapter(home, name)
-    shutil.rmtree(folder)
+    # rename first (atomic): a reader never sees half an adapter, and a crash leaves a hidden folder
+    # that listings skip, never a damaged one under the adapter's name
+    trash = folder.with_name(f".removing-{folder.name}-{os.getpid()}")
+    os.replace(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
     return folder
 
 

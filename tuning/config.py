@@ -1,4 +1,4 @@
-"""The one tuning config: :class:`TuneConfig` (defaults < YAML < ``key=value``; see rag.config).
+"""The one tuning config: :class:`TuneConfig` (defaults < YAML < ``key=value``; see core.config).
 
 Top-level keys are kept stable (``name``, ``task``, ``base_model``, ``data``, ``method``, ``quant``,
 ``epochs``, ``max_steps``, ``learning_rate``, ``seed``) so old configs keep working. The resolved config
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from rag.config import ConfigError, config_help, config_to_dict, field, load_config
+from core.config import ConfigError, config_help, config_to_dict, field, load_config
 
 __all__ = ["TuneConfig", "DataSource", "load_tune_config", "yaml_template", "ConfigError"]
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.workspace import Layout
 from tuning.errors import ModelError
 
 PACKAGED_CAUSAL = "smollm2-135m-instruct"
@@ -79,7 +80,7 @@ def resolve_base_model(spec: str, home: Path) -> BaseModel:
 
 def ensure_packaged_causal_lm(home: Path) -> Path:
     """Convert the packaged GGUF into ``<home>/models/smollm2-135m-instruct`` once; return that folder."""
-    target = Path(home) / "models" / PACKAGED_CAUSAL
+    target = Layout(Path(home)).model_dir(PACKAGED_CAUSAL)
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
     gguf = packaged_gguf()

@@ -55,7 +55,7 @@ def ab_run_cmd(
 
     Example: ragtune ab run --questions corpora/corvida/qa/test.jsonl --collection corvida --adapter corvida-raft --limit 20
     """
-    from rag.config import build_config
+    from core.config import build_config
     from serving.ab.runner import ABConfig, run_ab
     from serving.assistant import Assistant
 
@@ -101,7 +101,7 @@ def ab_report_cmd(
         if fmt == "json" and out is None:
             typer.echo(json.dumps(build_report(store, run), indent=2, default=float))
             return
-        files = write_report(store, run, out or ws.home / "reports" / run, fmt)
+        files = write_report(store, run, out or ws.layout.report_dir(run), fmt)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1)

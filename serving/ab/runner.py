@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from rag.config import ConfigError, field
+from core.config import ConfigError, field
+from core.names import InvalidName, check_name
 from serving.ab import metrics
 from serving.ab.runs import ABStore, cache_key
+from serving.modes import uses_adapter, uses_retrieval
 
 ARMS = ("base", "rag", "ft", "rag+ft")
 HIT_DEPTH = 10  # retrieval depth stored for the hit@k curve
@@ -41,13 +43,19 @@ class ABConfig:
         unknown = [a for a in self.arms if a not in ARMS]
         if unknown:
             raise ConfigError(f"unknown arm(s) {', '.join(unknown)}; use base, rag, ft, rag+ft")
-        if any(a in ("rag", "rag+ft") for a in self.arms) and not self.collection:
+        if any(uses_retrieval(a) for a in self.arms) and not self.collection:
             raise ConfigError("the rag arms need --collection (or drop them with --arms base,ft)")
-        if any(a in ("ft", "rag+ft") for a in self.arms) and not self.adapter:
+        if any(uses_adapter(a) for a in self.arms) and not self.adapter:
             raise ConfigError("the ft arms need --adapter (train one with `ragtune tune`, or use --arms base,rag)")
         if not self.name:
             stem = Path(self.questions).stem
-            self.name = "-".join(x for x in (stem, self.collection, self.adapter) if x)
+            derived = "-".join(x for x in (stem, self.collection, self.adapter) if x)
+            # a file name may hold spaces or dots in a row: keep what a run name allows
+            self.name = re.sub(r"\.{2,}", ".", re.sub(r"[^A-Za-z0-9_.-]+", "-", derived)).strip("-._")[:64] or "run"
+        try:
+            check_name(self.name, "A/B run name")
+        except InvalidName as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def load_questions(path: str | Path) -> list[dict[str, Any]]:
@@ -98,7 +106,7 @@ def adapter_identity(assistant: Any, adapter: str | None) -> str | None:
 
 def score(row: dict[str, Any], payload: dict[str, Any], arm: str) -> dict[str, Any]:
     scores = metrics.score_answer(answer_for_scoring(payload["text"]), row)
-    if arm in ("rag", "rag+ft"):
+    if uses_retrieval(arm):
         deep = payload.get("deep_hits") or []
         for k in (1, 4, HIT_DEPTH):
             scores[f"hit_at_{k}"] = metrics.retrieval_hit(deep, row, k)
@@ -117,14 +125,14 @@ def run_ab(assistant: Any, config: ABConfig, progress: Callable[[int, int, str],
     run_id = store.open_run(config.name, dataclasses.asdict(config))
     col = assistant.workspace.get(config.collection) if config.collection else None
     base_id = getattr(assistant.generator, "base_id", None)
-    adapter_id = adapter_identity(assistant, config.adapter) if any(a in ("ft", "rag+ft") for a in config.arms) else None
+    adapter_id = adapter_identity(assistant, config.adapter) if any(uses_adapter(a) for a in config.arms) else None
     p_hash = prompt_hash(assistant)
     computed = reused = 0
     total = len(questions) * len(config.arms)
     started = time.perf_counter()
     for qi, row in enumerate(questions):
         for ai, arm in enumerate(config.arms):
-            uses_rag, uses_ft = arm in ("rag", "rag+ft"), arm in ("ft", "rag+ft")
+            uses_rag, uses_ft = uses_retrieval(arm), uses_adapter(arm)
             key = cache_key(question=row["question"], arm=arm, base=base_id, adapter=adapter_id if uses_ft else None,
                             collection=(config.collection, col.version()) if uses_rag else None, prompt=p_hash,
                             k=config.k if uses_rag else None, max_new_tokens=config.max_new_tokens)

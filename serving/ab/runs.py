@@ -16,13 +16,14 @@ import threading
 import time
 from typing import Any
 
-from rag import store
+from core import db
+from core.names import check_name
 
 NAMESPACE = "ab"
 
 
 def _m001_ab(conn: sqlite3.Connection) -> None:
-    store.run_script(conn, """
+    db.run_script(conn, """
         CREATE TABLE ab_cache (
             key TEXT PRIMARY KEY,
             arm TEXT NOT NULL,
@@ -77,21 +78,24 @@ class ABStore:
     def conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = self._local.conn = store.connect(self.db_path)
-            store.migrate(conn, MIGRATIONS, namespace=NAMESPACE)
+            conn = self._local.conn = db.connect(self.db_path)
+            db.migrate(conn, MIGRATIONS, namespace=NAMESPACE)
         return conn
 
     # --- runs ---------------------------------------------------------------------------------
     def open_run(self, name: str, config: dict[str, Any]) -> int:
-        row = self.conn.execute("SELECT id, config_json FROM ab_runs WHERE name = ?", (name,)).fetchone()
-        if row is not None:
-            return int(row["id"])
-        with store.transaction(self.conn) as conn:
+        """The id of run ``name``, created if new. Two processes opening the same new name at once are
+        ordered by the write lock (BEGIN IMMEDIATE): the second waits and gets the run the first made."""
+        check_name(name, "A/B run name")
+        with db.transaction(self.conn) as conn:
+            row = conn.execute("SELECT id FROM ab_runs WHERE name = ?", (name,)).fetchone()
+            if row is not None:
+                return int(row["id"])
             return int(conn.execute("INSERT INTO ab_runs (name, config_json, created_at) VALUES (?, ?, ?)",
                                     (name, json.dumps(config), time.time())).lastrowid)
 
     def finish_run(self, run_id: int) -> None:
-        with store.transaction(self.conn) as conn:
+        with db.transaction(self.conn) as conn:
             conn.execute("UPDATE ab_runs SET finished_at = ? WHERE id = ?", (time.time(), run_id))
 
     def runs(self) -> list[dict[str, Any]]:
@@ -111,7 +115,7 @@ class ABStore:
     def put(self, run_id: int, question_id: str, arm: str, key: str, payload: dict[str, Any] | None,
             row: dict[str, Any]) -> None:
         """Store a fresh answer (``payload``) in the cache and link it to the run, in one transaction."""
-        with store.transaction(self.conn) as conn:
+        with db.transaction(self.conn) as conn:
             if payload is not None:
                 conn.execute("INSERT OR REPLACE INTO ab_cache (key, arm, question, answer, payload_json, created_at) "
                              "VALUES (?, ?, ?, ?, ?, ?)", (key, arm, row["question"], payload["text"],
@@ -130,7 +134,7 @@ class ABStore:
                  collection: str | None = None, adapter: str | None = None) -> int:
         if outcome not in ("a", "b", "tie", "both_bad"):
             raise ValueError(f"vote {outcome!r}: use a, b, tie or both_bad")
-        with store.transaction(self.conn) as conn:
+        with db.transaction(self.conn) as conn:
             return int(conn.execute(
                 "INSERT INTO arena_votes (question, arm_a, arm_b, answer_a, answer_b, outcome, collection, adapter, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, EarlyStoppingCallback, Trainer, set_seed
 
-from rag.config import ragtune_home
+from core.workspace import Layout, ragtune_home
 from tuning.adapters import adapter_dir, file_sha256, get_adapter, load_for_inference, write_manifest
 from tuning.config import TuneConfig, resolved_dict
 from tuning.data import load_records, split_records
@@ -46,7 +46,7 @@ def train(config: TuneConfig, home: str | Path | None = None, echo=print) -> dic
     started = time.time()
     home = ragtune_home(home)
     out_dir = adapter_dir(home, config.name)
-    run_dir = home / "runs" / config.name
+    run_dir = Layout(home).run_dir(config.name)
     check_adapter_slot(out_dir, config)
     resume_from = prepare_run_dir(run_dir, config.resume)
     threads = set_threads(config.threads)

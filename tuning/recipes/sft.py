@@ -26,7 +26,7 @@ from pathlib import Path
 
 from transformers import EarlyStoppingCallback, set_seed
 
-from rag.config import ragtune_home
+from core.workspace import Layout, ragtune_home
 from tuning import attention, forgetting
 from tuning.adapters import adapter_dir, file_sha256, write_manifest
 from tuning.config import TuneConfig, resolved_dict
@@ -47,7 +47,7 @@ def train(config: TuneConfig, home: str | Path | None = None, echo=print) -> dic
     started = time.time()
     home = ragtune_home(home)
     out_dir = adapter_dir(home, config.name)
-    run_dir = home / "runs" / config.name
+    run_dir = Layout(home).run_dir(config.name)
     device, _dtype = pick_device(config.device)
     precision = training_precision(config.precision, device)
     check_adapter_slot(out_dir, config)

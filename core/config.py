@@ -10,6 +10,7 @@ The resolved config is stored beside what it produced (index, adapter, evaluatio
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -19,6 +20,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 import yaml
 
 T = TypeVar("T")
+MAX_CONFIG_BYTES = 1 << 20
 
 
 class ConfigError(ValueError):
@@ -33,19 +35,6 @@ def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any
     else:
         kwargs["default"] = default
     return dataclasses.field(**kwargs)
-
-
-def ragtune_home(explicit: str | os.PathLike | None = None) -> Path:
-    """The workspace folder: ``--home`` > ``$RAGTUNE_HOME`` > ``~/.local/share/ragtune``."""
-    if explicit:
-        home = Path(explicit)
-    elif os.environ.get("RAGTUNE_HOME"):
-        home = Path(os.environ["RAGTUNE_HOME"])
-    else:
-        home = Path.home() / ".local" / "share" / "ragtune"
-    home = home.expanduser().resolve()
-    home.mkdir(parents=True, exist_ok=True)
-    return home
 
 
 def _type_name(tp: Any) -> str:
@@ -97,14 +86,17 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 pass
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is not None and math.isfinite(number):
+            return number
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -127,6 +119,9 @@ def build_config(cls: type[T], values: dict[str, Any], *, source: str = "config"
     """Make ``cls`` from ``values``, refusing unknown keys and wrong types."""
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     hints = typing.get_type_hints(cls)
+    odd = [k for k in values if not isinstance(k, str)]
+    if odd:
+        raise ConfigError(f"{source}: keys must be names, got {odd[0]!r}; write key: value with a plain name")
     unknown = sorted(set(values) - set(fields))
     if unknown:
         known = ", ".join(sorted(fields))
@@ -159,11 +154,19 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
     if path is not None:
         source = str(path)
         try:
+            if Path(path).stat().st_size > MAX_CONFIG_BYTES:
+                raise ConfigError(f"config file {path} is over {MAX_CONFIG_BYTES // 2**20} MiB; a config is a short YAML file")
             loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config file {path} not found") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config {path} is a folder; give the YAML file inside it") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the config as UTF-8 YAML") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {path} cannot be read ({exc.strerror or exc})") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+            raise ConfigError(f"{path}: not valid YAML ({str(exc)[:300]})") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
