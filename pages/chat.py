@@ -4,6 +4,7 @@ import streamlit as st
 
 from serving import webapp
 from serving.config import MODES, ServingError
+from serving.modes import uses_adapter, uses_retrieval
 
 home = str(webapp.app_home())
 ws = webapp.workspace(home)
@@ -21,23 +22,23 @@ with st.sidebar:
     collection = st.selectbox("Collection", collections, key="collection",
                               index=(collections.index(webapp.DEMO_COLLECTION) if webapp.DEMO_COLLECTION in collections
                                      else 0 if collections else None),
-                              placeholder="none yet", disabled=mode in ("base", "ft"))
-    k = st.slider("Sources (k)", 1, 10, 4, key="k", disabled=mode in ("base", "ft"))
+                              placeholder="none yet", disabled=not uses_retrieval(mode))
+    k = st.slider("Sources (k)", 1, 10, 4, key="k", disabled=not uses_retrieval(mode))
     with st.spinner("Loading the model (once for all users)..."):
         assistant = webapp.assistant(home, webapp.serve_config_json())
     usable = [a["name"] for a in assistant.generator.available_adapters() if a.get("usable")]
     adapter = st.selectbox("Adapter", usable, index=0 if usable else None, key="adapter", placeholder="none yet",
-                           disabled=mode in ("base", "rag"))
+                           disabled=not uses_adapter(mode))
     if st.button("New chat", icon=":material/add:"):
         state.messages, state.chat_id = [], None
         st.rerun()
 
-needs_adapter = mode in ("ft", "rag+ft")
+needs_adapter = uses_adapter(mode)
 if needs_adapter and not usable:
     st.info("No fine-tuned adapter yet. Train the demo adapter on the **Tuning** page (a few minutes on a laptop "
             f"CPU; the chat keeps working meanwhile), or in a terminal: `ragtune tune name={webapp.DEMO_ADAPTER} "
             "data=corpora/corvida/qa/train.jsonl max_steps=60`. Until then use mode base or rag.")
-if mode in ("rag", "rag+ft") and not collections:
+if uses_retrieval(mode) and not collections:
     st.info("No collection yet. Create one on the **Collections** page, or: `ragtune index corpora/corvida/docs "
             "--collection corvida`.")
 
@@ -88,7 +89,7 @@ if question:
         st.markdown(question)
     with st.chat_message("assistant"):
         try:
-            stream = assistant.stream(question, mode, collection if mode in ("rag", "rag+ft") else None,
+            stream = assistant.stream(question, mode, collection if uses_retrieval(mode) else None,
                                       adapter if needs_adapter else None, history, k=k, chat_id=state.chat_id)
         except ServingError as exc:
             st.error(str(exc))

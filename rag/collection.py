@@ -235,9 +235,6 @@ class Collection:
         return hits
 
     def _vectors(self, ids: list[int]) -> dict[int, np.ndarray]:
-        marks = ",".join("?" * len(ids))
-
-    def _vectors(self, ids: list[int]) -> dict[int, np.ndarray]:
         return store.vectors_by_id(self.conn, ids)
 
     def documents(self) -> list[dict[str, Any]]:

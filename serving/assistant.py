@@ -21,6 +21,7 @@ from typing import Any, Iterator, Sequence
 
 from serving.config import MODES, ServeConfig, ServingError
 from serving.generation import GenerationParams, TokenStream
+from serving.modes import uses_adapter, uses_retrieval
 from serving.prompts import STOP_STRINGS, Turn, build_messages, cited_numbers, dont_know, retrieval_query
 
 
@@ -192,7 +193,7 @@ class Assistant:
                                f"(or raise max_question_chars)")
         if mode not in MODES:
             raise ServingError(f"unknown mode {mode!r}; use one of: {', '.join(MODES)}")
-        if mode in ("rag", "rag+ft"):
+        if uses_retrieval(mode):
             if not collection:
                 names = self.workspace.names()
                 hint = (f"pick one of: {', '.join(names)}" if names else
@@ -202,7 +203,7 @@ class Assistant:
                 self.workspace.get(collection)
             except CollectionError as exc:
                 raise ServingError(str(exc)) from None
-        if mode in ("ft", "rag+ft"):
+        if uses_adapter(mode):
             if not adapter:
                 usable = sorted(a["name"] for a in self.generator.available_adapters() if a.get("usable"))
                 hint = (f"pick one of: {', '.join(usable)}" if usable else
@@ -223,12 +224,12 @@ class Assistant:
         cfg = self.config
         question = question.strip()
         turns = normalize_history(history)
-        use_adapter = adapter if mode in ("ft", "rag+ft") else None
+        use_adapter = adapter if uses_adapter(mode) else None
         answer = Answer(question=question, mode=mode, text="", adapter=use_adapter,
                         base_model=getattr(self.generator, "base_id", None),
-                        collection=collection if mode in ("rag", "rag+ft") else None)
+                        collection=collection if uses_retrieval(mode) else None)
         hits: list[Any] = []
-        if mode in ("rag", "rag+ft"):
+        if uses_retrieval(mode):
             col = self.workspace.get(collection)
             answer.collection_version = col.version()
             answer.retrieval_query = retrieval_query(question, turns)
@@ -248,7 +249,7 @@ class Assistant:
         window = getattr(self.generator, "context_window", cfg.context_tokens)
         budget = min(cfg.context_tokens, window) - params.max_new_tokens
         try:
-            plan = build_messages(question, sources=hits, history=turns, rag=mode in ("rag", "rag+ft"),
+            plan = build_messages(question, sources=hits, history=turns, rag=uses_retrieval(mode),
                                   count=self.generator.count_tokens, truncate=self.generator.truncate_tokens,
                                   budget=budget, source_tokens=cfg.source_tokens, history_turns=cfg.history_turns)
         except ValueError as exc:

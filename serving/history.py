@@ -8,7 +8,6 @@ import os
 import sqlite3
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from core import db

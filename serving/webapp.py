@@ -150,7 +150,8 @@ def safe_filename(name: str) -> str:
 
 
 def upload_folder(home: str | os.PathLike, collection: str) -> Path:
-    from rag.collection import NAME_RE, CollectionError
+    from core.names import NAME_RE
+    from rag.collection import CollectionError
 
     if not NAME_RE.fullmatch(collection):
         raise CollectionError(f"invalid collection name {collection!r}: use letters, digits, '.', '_' or '-' (max 64)")

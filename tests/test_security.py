@@ -382,7 +382,7 @@ RACE_CHILD = textwrap.dedent(r"""
             out["create"] = str(exc)
         out["index"] = ws.index("shared2", [arg]).to_dict()["total_documents"]
     else:
-        out["runs"] = [store.open_run(f"run{i}", {"i": i}) for i in range(40)]
+        out["runs"] = [store.open_run(f"run{i}", {"i": i}) for i in range(200)]
     print(json.dumps(out), flush=True)
 """)
 
@@ -422,4 +422,4 @@ def test_two_processes_opening_the_same_ab_runs(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     first, second = race("ab", home, tmp_path)
-    assert first["runs"] == second["runs"] and len(set(first["runs"])) == 40
+    assert first["runs"] == second["runs"] and len(set(first["runs"])) == 200

@@ -8,16 +8,15 @@ is saved in the adapter's ``ragtune.json``.
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from core.config import ConfigError, config_help, config_to_dict, field, load_config
+from core.names import InvalidName, check_name
 
 __all__ = ["TuneConfig", "DataSource", "load_tune_config", "yaml_template", "ConfigError"]
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 @dataclass
@@ -78,8 +77,10 @@ class TuneConfig:
     progress: bool = field(True, help="show a progress bar with the loss")
 
     def __post_init__(self) -> None:
-        if not _NAME_RE.match(self.name or ""):
-            raise ConfigError(f"name: {self.name!r} must be 1-64 letters, digits, '.', '_' or '-' (example: name=corvida-lora)")
+        try:  # the adapter and run folders are named after it: the one name rule (core.names)
+            check_name(self.name, "adapter name")
+        except InvalidName as exc:
+            raise ConfigError(f"name: {exc}") from None
         if self.data is None or self.data == [] or self.data == "":
             raise ConfigError("data: no training data given (example: data=corpora/corvida/instructions/train.jsonl)")
         self.sources()  # validates the shape

@@ -10,6 +10,7 @@ from typing import Any
 from serving.ab import stats
 from serving.ab.runs import ABStore
 from serving.config import ServingError
+from serving.modes import uses_adapter, uses_retrieval
 
 OUTCOMES = {"a": "A is better", "b": "B is better", "tie": "tie", "both_bad": "both bad"}
 
@@ -54,8 +55,8 @@ def stream_side(assistant: Any, round_: ArenaRound, side: str):
     """An :class:`AnswerStream` for side "a" or "b" (not logged as chat)."""
     arm = round_.arm_a if side == "a" else round_.arm_b
     return assistant.stream(round_.question, mode=arm,
-                            collection=round_.collection if arm in ("rag", "rag+ft") else None,
-                            adapter=round_.adapter if arm in ("ft", "rag+ft") else None, log=False)
+                            collection=round_.collection if uses_retrieval(arm) else None,
+                            adapter=round_.adapter if uses_adapter(arm) else None, log=False)
 
 
 def record_vote(store: ABStore, round_: ArenaRound, outcome: str) -> int:
