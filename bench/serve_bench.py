@@ -12,7 +12,13 @@ Metrics (names fixed by issue 4):
 - adapter_switch_p50_ms: base -> adapter -> base on the loaded model; baseline = loading the adapter
   onto the base per request (``PeftModel.from_pretrained``), what serving without hot-switching costs;
 - concurrent_errors, concurrent_p95_s, concurrent_throughput_qps: 8 concurrent ``ask`` calls vs the
-  same 8 one after another.
+  same 8 one after another;
+- http_*: the same generator behind ``ragtune serve``'s server on localhost (streamed chat completions
+  read with the standard library), baseline = the generator called in-process, so each ratio is what
+  the HTTP layer costs: http_ttft_p50_s (one-token answers), http_decode_tokens_per_s (streamed
+  pieces per second after the first), http_concurrent_errors / http_concurrent_p95_s /
+  http_concurrent_throughput_qps (8 concurrent streams, every other one with the adapter; baseline: the
+  same 8 concurrently in-process), http_models_p50_ms (``GET /v1/models``).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -231,7 +238,101 @@ def main() -> None:
          baseline_is="p95 latency of the same 8 asked one after another")
     line("concurrent_throughput_qps", len(latencies) / concurrent_s, "answers/s", None,
          baseline=round(len(eight) / sequential_s, 4), ragtune=round(len(latencies) / concurrent_s, 4))
+    http_figures(gen, adapter, new_tokens, concurrent_tokens, eight)
     tmp.cleanup()
+
+
+def http_figures(gen, adapter: str, new_tokens: int, concurrent_tokens: int, eight: list) -> None:
+    """Section 5: the generator behind the HTTP server vs called in-process (see the module docstring)."""
+    from serving.generation import GenerationParams
+    from serving.openai_server import serve_in_thread
+
+    server, url = serve_in_thread(gen)
+
+    def local(messages, tokens, a=None):
+        started = time.perf_counter()
+        first, pieces = None, 0
+        for piece in gen.stream(messages, adapter=a, params=GenerationParams(max_new_tokens=tokens)):
+            if piece:
+                first = first if first is not None else time.perf_counter() - started
+                pieces += 1
+        return first, time.perf_counter() - started, pieces
+
+    def remote(messages, tokens, a=None):
+        body = json.dumps({"model": a or gen.base_id, "messages": messages, "max_tokens": tokens, "stream": True}).encode()
+        started = time.perf_counter()
+        first, pieces = None, 0
+        request = urllib.request.Request(url + "/chat/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=600) as response:
+            for raw in response:
+                raw = raw.strip()
+                if not raw.startswith(b"data:") or raw[5:].strip() == b"[DONE]":
+                    continue
+                event = json.loads(raw[5:])
+                if "error" in event:
+                    raise RuntimeError(event["error"]["message"])
+                for choice in event.get("choices") or []:
+                    if (choice.get("delta") or {}).get("content"):
+                        first = first if first is not None else time.perf_counter() - started
+                        pieces += 1
+        return first, time.perf_counter() - started, pieces
+
+    def rate(first, total, pieces):
+        return (pieces - 1) / (total - first) if pieces > 1 and total > first else None
+
+    try:
+        remote(LONG_PROMPT, 2)  # warm-up (first connection, thread pool)
+        theirs = [local(LONG_PROMPT, 1)[0] for _ in range(5)]
+        ours = [remote(LONG_PROMPT, 1)[0] for _ in range(5)]
+        line("http_ttft_p50_s", statistics.median(ours), "s", None, baseline=round(statistics.median(theirs), 4),
+             ragtune=round(statistics.median(ours), 4), baseline_is="the generator in-process")
+        base_rate, http_rate = rate(*local(LONG_PROMPT, new_tokens)), rate(*remote(LONG_PROMPT, new_tokens))
+        line("http_decode_tokens_per_s", http_rate, "pieces/s", None, baseline=base_rate and round(base_rate, 2),
+             ragtune=http_rate and round(http_rate, 2), baseline_is="the generator in-process")
+
+        def run_eight(call):
+            latencies, errors, lock = [], [], threading.Lock()
+
+            def worker(q, a):
+                try:
+                    _, total, _ = call([{"role": "user", "content": q}], concurrent_tokens, a)
+                    with lock:
+                        latencies.append(total)
+                except Exception as exc:  # noqa: BLE001 - counted as an error
+                    with lock:
+                        errors.append(repr(exc))
+
+            started = time.perf_counter()
+            threads = [threading.Thread(target=worker, args=case) for case in eight]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            return latencies, errors, time.perf_counter() - started
+
+        base_lat, _, base_s = run_eight(local)
+        http_lat, http_errors, http_s = run_eight(remote)
+        line("http_concurrent_errors", len(http_errors), "count", "== 0", errors=http_errors[:3])
+        line("http_concurrent_p95_s", p(http_lat, 0.95) if http_lat else None, "s", None,
+             baseline=round(p(base_lat, 0.95), 3), ragtune=round(p(http_lat, 0.95), 3) if http_lat else None,
+             baseline_is="the same 8 streams concurrently in-process")
+        line("http_concurrent_throughput_qps", len(http_lat) / http_s, "answers/s", None,
+             baseline=round(len(base_lat) / base_s, 4), ragtune=round(len(http_lat) / http_s, 4))
+        lists = []
+        for _ in range(20):
+            started = time.perf_counter()
+            urllib.request.urlopen(url + "/models", timeout=60).read()
+            lists.append((time.perf_counter() - started) * 1000)
+        direct = []
+        for _ in range(20):
+            started = time.perf_counter()
+            gen.available_adapters()
+            direct.append((time.perf_counter() - started) * 1000)
+        line("http_models_p50_ms", statistics.median(lists), "ms", None, baseline=round(statistics.median(direct), 3),
+             ragtune=round(statistics.median(lists), 3), baseline_is="available_adapters() in-process")
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 if __name__ == "__main__":
