@@ -335,13 +335,13 @@ def serve_cmd(
 
     Example: RAGTUNE_API_KEY=change-me ragtune serve --port 8000 --limit max_concurrent=4 --set quantize=int8
     """
-    from rag.config import load_config, ragtune_home
+    from rag.config import build_config, load_config, parse_overrides, ragtune_home
     from serving.config import ServeConfig, ServingError
     from serving.generation import LocalGenerator
     from serving.openai_server import ServerLimits, exposure_warning, make_server
 
     cfg = load_config(ServeConfig, config, overrides)
-    server_limits = load_config(ServerLimits, None, limits)
+    server_limits = build_config(ServerLimits, parse_overrides(limits), source="--limit")
     if api_key is not None and not api_key.strip():
         fail("--api-key / RAGTUNE_API_KEY is set but empty; give a key or unset it")
     warning = exposure_warning(host, api_key)
