@@ -12,7 +12,13 @@ Metrics (names fixed by issue 4):
 - adapter_switch_p50_ms: base -> adapter -> base on the loaded model; baseline = loading the adapter
   onto the base per request (``PeftModel.from_pretrained``), what serving without hot-switching costs;
 - concurrent_errors, concurrent_p95_s, concurrent_throughput_qps: 8 concurrent ``ask`` calls vs the
-  same 8 one after another.
+  same 8 one after another;
+- http_*: the same generator behind ``ragtune serve``'s server on localhost (streamed chat completions
+  read with the standard library), baseline = the generator called in-process, so each ratio is what
+  the HTTP layer costs: http_ttft_p50_s (one-token answers), http_decode_tokens_per_s (streamed
+  pieces per second after the first), http_concurrent_errors / http_concurrent_p95_s /
+  http_concurrent_throughput_qps (8 concurrent streams, every other one with the adapter; baseline: the
+  same 8 concurrently in-process), http_models_p50_ms (``GET /v1/models``).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,6 +80,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer tokens and questions (same metrics)")
     parser.add_argument("--home", type=Path, default=None, help="workspace to use (default: a temp folder; the demo corpus is indexed into it)")
+    parser.add_argument("--only", choices=("all", "http"), default="all",
+                        help="http: only the http_* figures (what the server adds), e.g. to compare two server versions")
     parser.add_argument("--adapter", default=None, help="adapter for the switch and rag+ft figures (default: an untrained one made here)")
     args = parser.parse_args()
     new_tokens = 32 if args.quick else 64
@@ -101,9 +110,16 @@ def main() -> None:
           f"load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
 
     base = resolve_base_model("smollm2-135m-instruct", ws.home)
+    gen = LocalGenerator("smollm2-135m-instruct", ws.home, quantize="int8")
+    questions = [json.loads(l)["question"] for l in QUESTIONS.read_text(encoding="utf-8").splitlines() if l.strip()]
+    questions = questions[:: max(1, len(questions) // n_questions)][:n_questions]
+    eight = [(questions[i % len(questions)], adapter if i % 2 else None) for i in range(8)]
+    if args.only == "http":
+        http_figures(gen, adapter, new_tokens, concurrent_tokens, eight)
+        tmp.cleanup()
+        return
     tokenizer = load_tokenizer(base)
     plain = load_causal_lm(base, for_training=False).eval()
-    gen = LocalGenerator("smollm2-135m-instruct", ws.home, quantize="int8")
 
     # 1. decode speed: same prompt, same number of new tokens
     params = GenerationParams(max_new_tokens=new_tokens)
@@ -150,8 +166,6 @@ def main() -> None:
         line("llamacpp_tokens_per_s", None, "tokens/s", None, note="llama_cpp not importable; skipped")
 
     # 2. time to first token in rag mode, k=4
-    questions = [json.loads(l)["question"] for l in QUESTIONS.read_text(encoding="utf-8").splitlines() if l.strip()]
-    questions = questions[:: max(1, len(questions) // n_questions)][:n_questions]
     config = ServeConfig(k=4, max_new_tokens=concurrent_tokens)
     assistant = Assistant(ws, gen, config)
     assistant.warm_up()
@@ -196,7 +210,6 @@ def main() -> None:
          ragtune=round(statistics.median(switches), 3), baseline_is="PeftModel.from_pretrained per request")
 
     # 4. eight concurrent asks (rag, and rag+ft for every other one) vs the same eight in sequence
-    eight = [(questions[i % len(questions)], adapter if i % 2 else None) for i in range(8)]
 
     def ask(q, a):
         started = time.perf_counter()
@@ -231,7 +244,105 @@ def main() -> None:
          baseline_is="p95 latency of the same 8 asked one after another")
     line("concurrent_throughput_qps", len(latencies) / concurrent_s, "answers/s", None,
          baseline=round(len(eight) / sequential_s, 4), ragtune=round(len(latencies) / concurrent_s, 4))
+    http_figures(gen, adapter, new_tokens, concurrent_tokens, eight)
     tmp.cleanup()
+
+
+def http_figures(gen, adapter: str, new_tokens: int, concurrent_tokens: int, eight: list) -> None:
+    """Section 5: the generator behind the HTTP server vs called in-process (see the module docstring)."""
+    from serving.generation import GenerationParams
+    from serving.openai_server import serve_in_thread
+
+    server, url = serve_in_thread(gen)
+
+    def local(messages, tokens, a=None):
+        started = time.perf_counter()
+        first, pieces = None, 0
+        for piece in gen.stream(messages, adapter=a, params=GenerationParams(max_new_tokens=tokens)):
+            if piece:
+                first = first if first is not None else time.perf_counter() - started
+                pieces += 1
+        return first, time.perf_counter() - started, pieces
+
+    def remote(messages, tokens, a=None):
+        body = json.dumps({"model": a or gen.base_id, "messages": messages, "max_tokens": tokens, "stream": True}).encode()
+        started = time.perf_counter()
+        first, pieces = None, 0
+        request = urllib.request.Request(url + "/chat/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=600) as response:
+            for raw in response:
+                raw = raw.strip()
+                if not raw.startswith(b"data:") or raw[5:].strip() == b"[DONE]":
+                    continue
+                event = json.loads(raw[5:])
+                if "error" in event:
+                    raise RuntimeError(event["error"]["message"])
+                for choice in event.get("choices") or []:
+                    if (choice.get("delta") or {}).get("content"):
+                        first = first if first is not None else time.perf_counter() - started
+                        pieces += 1
+        return first, time.perf_counter() - started, pieces
+
+    def rate(first, total, pieces):
+        return (pieces - 1) / (total - first) if pieces > 1 and total > first else None
+
+    try:
+        remote(LONG_PROMPT, 2)  # warm-up (first connection, thread pool)
+        theirs, ours = [], []
+        for _ in range(5):  # alternated, so a change in the machine's load hits both alike
+            theirs.append(local(LONG_PROMPT, 1)[0])
+            ours.append(remote(LONG_PROMPT, 1)[0])
+        line("http_ttft_p50_s", statistics.median(ours), "s", None, baseline=round(statistics.median(theirs), 4),
+             ragtune=round(statistics.median(ours), 4), baseline_is="the generator in-process")
+        rates = [(rate(*local(LONG_PROMPT, new_tokens)), rate(*remote(LONG_PROMPT, new_tokens))) for _ in range(2)]
+        base_rate = max((r for r, _ in rates if r), default=None)  # best of two: the least disturbed run
+        http_rate = max((r for _, r in rates if r), default=None)
+        line("http_decode_tokens_per_s", http_rate, "pieces/s", None, baseline=base_rate and round(base_rate, 2),
+             ragtune=http_rate and round(http_rate, 2), baseline_is="the generator in-process")
+
+        def run_eight(call):
+            latencies, errors, lock = [], [], threading.Lock()
+
+            def worker(q, a):
+                try:
+                    _, total, _ = call([{"role": "user", "content": q}], concurrent_tokens, a)
+                    with lock:
+                        latencies.append(total)
+                except Exception as exc:  # noqa: BLE001 - counted as an error
+                    with lock:
+                        errors.append(repr(exc))
+
+            started = time.perf_counter()
+            threads = [threading.Thread(target=worker, args=case) for case in eight]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            return latencies, errors, time.perf_counter() - started
+
+        base_lat, _, base_s = run_eight(local)
+        http_lat, http_errors, http_s = run_eight(remote)
+        line("http_concurrent_errors", len(http_errors), "count", "== 0", errors=http_errors[:3])
+        line("http_concurrent_p95_s", p(http_lat, 0.95) if http_lat else None, "s", None,
+             baseline=round(p(base_lat, 0.95), 3), ragtune=round(p(http_lat, 0.95), 3) if http_lat else None,
+             baseline_is="the same 8 streams concurrently in-process")
+        line("http_concurrent_throughput_qps", len(http_lat) / http_s, "answers/s", None,
+             baseline=round(len(base_lat) / base_s, 4), ragtune=round(len(http_lat) / http_s, 4))
+        lists = []
+        for _ in range(20):
+            started = time.perf_counter()
+            urllib.request.urlopen(url + "/models", timeout=60).read()
+            lists.append((time.perf_counter() - started) * 1000)
+        direct = []
+        for _ in range(20):
+            started = time.perf_counter()
+            gen.available_adapters()
+            direct.append((time.perf_counter() - started) * 1000)
+        line("http_models_p50_ms", statistics.median(lists), "ms", None, baseline=round(statistics.median(direct), 3),
+             ragtune=round(statistics.median(lists), 3), baseline_is="available_adapters() in-process")
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 if __name__ == "__main__":

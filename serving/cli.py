@@ -328,31 +328,51 @@ def chat_cmd(
 
 @app.command("serve")
 def serve_cmd(
-    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (0.0.0.0 for every interface)"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on; beyond loopback (0.0.0.0 = every "
+                             "interface) set an API key and put a TLS proxy in front"),
     port: int = typer.Option(8000, "--port", help="TCP port (0 = a free one)"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="RAGTUNE_API_KEY", show_envvar=True,
+                                          help="require 'Authorization: Bearer KEY' on every /v1 request (prefer the "
+                                               "environment variable: a command line is visible to other users)"),
+    limits: List[str] = typer.Option([], "--limit", help="server limit key=value, e.g. --limit max_concurrent=4 "
+                                     "(keys: see serving/openai_server.py ServerLimits; repeatable)"),
+    verbose: bool = typer.Option(False, "--verbose", help="log one line per request"),
     config: Optional[Path] = ServeConfigOption,
     overrides: List[str] = ServeSetOption,
     home: Optional[str] = HomeOption,
 ) -> None:
     """Serve the base model and every adapter over an OpenAI-compatible API (/v1/chat/completions, streamed).
 
-    Example: ragtune serve --port 8000 --set quantize=int8
+    Binds 127.0.0.1 unless --host says otherwise. Requests beyond --limit max_concurrent (default 8) get
+    429 at once; bodies over max_body_bytes (default 1 MiB) get 413 before they are read.
+
+    Example: RAGTUNE_API_KEY=change-me ragtune serve --port 8000 --limit max_concurrent=4 --set quantize=int8
     """
-    from core.config import load_config
+    from core.config import build_config, load_config, parse_overrides
     from core.workspace import ragtune_home
     from serving.config import ServeConfig, ServingError
     from serving.generation import LocalGenerator
-    from serving.openai_server import make_server
+    from serving.openai_server import ServerLimits, exposure_warning, make_server
 
     cfg = load_config(ServeConfig, config, overrides)
+    server_limits = build_config(ServerLimits, parse_overrides(limits), source="--limit")
+    if api_key is not None and not api_key.strip():
+        fail("--api-key / RAGTUNE_API_KEY is set but empty; give a key or unset it")
+    warning = exposure_warning(host, api_key)
+    if warning:  # before the model loads, so it is the first thing an operator sees
+        typer.echo(warning, err=True)
     try:
         generator = LocalGenerator(cfg.base_model, ragtune_home(home), quantize=cfg.quantize, device=cfg.device, threads=cfg.threads)
     except ServingError as exc:
         fail(str(exc))
-    server = make_server(generator, host, port, default_max_tokens=cfg.max_new_tokens)
-    h, p = server.server_address[:2]
+    try:
+        server = make_server(generator, host, port, default_max_tokens=cfg.max_new_tokens, verbose=verbose,
+                             limits=server_limits, api_key=api_key, warn=False)
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pick another --port or --host")
     models = [generator.base_id] + [a["name"] for a in generator.available_adapters() if a["usable"]]
-    typer.echo(f"serving {', '.join(models)} at http://{h}:{p}/v1 (Ctrl-C to stop)", err=True)
+    typer.echo(f"serving {', '.join(models)} at {server.url} ({'API key required' if api_key else 'no API key'}; "
+               f"Ctrl-C to stop)", err=True)
     try:
         server.serve_forever()
     finally:

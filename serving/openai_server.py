@@ -1,209 +1,704 @@
-"""A small OpenAI-compatible HTTP server over a :class:`serving.generation.LocalGenerator`.
+"""An OpenAI-compatible HTTP server over a :class:`serving.generation.LocalGenerator`, on FastAPI + uvicorn.
 
-    ragtune serve --port 8000
+    ragtune serve --port 8000                       # 127.0.0.1 only; RAGTUNE_API_KEY=... to require a key
     curl -N localhost:8000/v1/chat/completions -d '{"model": "corvida-lora", "stream": true,
          "messages": [{"role": "user", "content": "How long is the HX warranty?"}]}'
 
 Endpoints: ``GET /v1/models`` (the base model and every usable adapter), ``POST /v1/chat/completions``
-and ``POST /v1/completions``, streamed as server-sent events when ``"stream": true``. ``model`` is the
-base model's id (or ``"base"``) or an adapter name, as with vLLM's LoRA serving. Standard library only
-(``http.server``): one thread per connection, the generator's lock interleaves their decoding.
-Errors are OpenAI-shaped: ``{"error": {"message", "type", "code"}}`` with status 400/404.
+and ``POST /v1/completions``, streamed as server-sent events when ``"stream": true``; ``GET /health``.
+``model`` is the base model's id (or ``"base"``) or an adapter name, as with vLLM's LoRA serving.
+
+What the server guards, and where (limits in :class:`ServerLimits`):
+
+- the connection (:class:`GuardedH11Protocol`, a uvicorn h11 protocol): at most ``max_connections``
+  open connections (more get 503 and are closed); a request's headers must arrive within
+  ``header_timeout_s`` (a client trickling bytes cannot hold a connection); idle keep-alive
+  connections close after ``keep_alive_s``; malformed HTTP (a bad ``Content-Length`` included) gets an
+  OpenAI-shaped 400 and the connection is closed;
+- the request, before the app sees it (:class:`RequestGuard`, ASGI middleware): the API key as a
+  Bearer token (constant-time compare); ``Content-Length`` and ``Transfer-Encoding`` together are
+  refused; a declared length over ``max_body_bytes`` gets 413 without a byte of the body read, a
+  chunked body is counted while read and cut off at the limit, the whole body must arrive within
+  ``body_timeout_s``. Every response sent without reading the whole body closes the connection, so
+  the rest of that body can never be parsed as the next request;
+- the body (pydantic models below): every field typed (strict: no ``"5"`` for 5), bounded and finite
+  (NaN/Infinity refused), unknown fields refused, ``model`` a plain name (:func:`core.names.check_name`);
+  an unknown adapter gets a 404 that names no folder;
+- the model: at most ``max_concurrent`` requests generate at once; one more gets 429 with
+  ``Retry-After`` at once (it does not wait). Decoding runs in worker threads (the generator's lock
+  interleaves them per forward pass), never on the event loop.
+
+Errors are always OpenAI-shaped: ``{"error": {"message", "type", "code"}}``; a stream that fails mid-way
+ends with an ``{"error": ...}`` event and ``data: [DONE]``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hmac
+import ipaddress
 import json
+import logging
+import re
+import socket
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any, Callable, Literal, Optional, Union
 
+import anyio
+import h11
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from core.names import InvalidName, check_name
+from core.config import ConfigError, field
 from serving.config import ServingError
 from serving.generation import GenerationParams
 
+log = logging.getLogger("ragtune.server")
+
 MAX_BODY_BYTES = 1 << 20
+MAX_TEXT_CHARS = 65_536  # one message's content, or a completion prompt
+MAX_MESSAGES = 256
+MAX_TOKENS = 4096
+MAX_STOPS = 4
+OPEN_PATHS = frozenset({"/health", "/v1/health"})  # answered without the API key (they reveal nothing)
+_END = object()
 
 
-class RequestError(Exception):
-    def __init__(self, status: int, message: str, code: str = "invalid_request_error") -> None:
+@dataclass
+class ServerLimits:
+    """Limits of one server; every one has a default that is safe on a workstation."""
+
+    max_body_bytes: int = field(MAX_BODY_BYTES, help="largest request body in bytes; a larger one gets 413 before it is read")
+    max_concurrent: int = field(8, help="requests generating at once; one more gets 429 with Retry-After at once (no queue)")
+    max_connections: int = field(64, help="open TCP connections; one more gets 503 and is closed")
+    keep_alive_s: int = field(5, help="an idle keep-alive connection is closed after this many seconds")
+    header_timeout_s: float = field(10.0, help="a request's headers must arrive complete within this many seconds")
+    body_timeout_s: float = field(30.0, help="a request's body must arrive complete within this many seconds")
+    shutdown_timeout_s: float = field(5.0, help="on shutdown, requests still running after this many seconds are cancelled")
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_body_bytes <= 64 << 20:
+            raise ConfigError("max_body_bytes: use 1 to 67108864 (example: max_body_bytes=1048576)")
+        if not 1 <= self.max_concurrent <= 1024 or not 1 <= self.max_connections <= 65536:
+            raise ConfigError("max_concurrent (1-1024) and max_connections (1-65536) out of range (example: max_concurrent=8)")
+        if self.max_connections < self.max_concurrent:
+            raise ConfigError("max_connections must be >= max_concurrent (each running request holds a connection)")
+        for name in ("keep_alive_s", "header_timeout_s", "body_timeout_s", "shutdown_timeout_s"):
+            value = getattr(self, name)
+            if not 0 < value <= 3600:
+                raise ConfigError(f"{name}: use a number of seconds in (0, 3600] (example: {name}=10)")
+
+
+# ---------------------------------------------------------------------------------------- errors
+
+def error_body(message: str, type_: str = "invalid_request_error", code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "code": code}}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status, self.code = status, code
+        self.status, self.type, self.code, self.headers = status, type_, code, headers
 
 
-def _params(body: dict[str, Any], default_max: int) -> GenerationParams:
-    stop = body.get("stop") or ()
-    if isinstance(stop, str):
-        stop = (stop,)
-    try:
-        max_tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or default_max)
-        params = GenerationParams(
-            max_new_tokens=max_tokens,
-            temperature=float(body.get("temperature", 0.0) if body.get("temperature") is not None else 0.0),
-            top_p=float(body.get("top_p", 1.0) if body.get("top_p") is not None else 1.0),
-            repetition_penalty=float(body.get("repetition_penalty", 1.0) or 1.0),
-            stop=tuple(str(s) for s in stop),
-            seed=int(body.get("seed") or 0),
+def _json_bytes(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload, ensure_ascii=True).encode()
+
+
+_TYPE_BY_STATUS = {401: "authentication_error", 404: "invalid_request_error", 405: "invalid_request_error",
+                   408: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+                   503: "server_error"}
+
+
+# ------------------------------------------------------------------------------- request bodies
+
+# pydantic's strict str already refuses lone surrogates ("unable to parse raw data as a unicode string")
+Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+NonEmptyText = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: Text
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "user", "assistant"]
+    content: Union[Text, Annotated[list[TextPart], Field(min_length=1, max_length=64)]]
+    name: Optional[Annotated[str, Field(max_length=64)]] = None  # accepted, not used
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Sampling(_Body):
+    """The fields both endpoints share; ``n``, ``user`` and the zero penalties are accepted for client
+    compatibility (they change nothing), everything else unknown is refused."""
+
+    model: Optional[Annotated[str, Field(min_length=1, max_length=200)]] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    max_tokens: Optional[Annotated[int, Field(ge=1, le=MAX_TOKENS)]] = None
+    max_completion_tokens: Optional[Annotated[int, Field(ge=1, le=MAX_TOKENS)]] = None
+    temperature: Optional[Annotated[Finite, Field(ge=0.0, le=2.0)]] = None
+    top_p: Optional[Annotated[Finite, Field(gt=0.0, le=1.0)]] = None
+    repetition_penalty: Optional[Annotated[Finite, Field(ge=0.1, le=2.0)]] = None
+    seed: Optional[Annotated[int, Field(ge=-(1 << 63), le=(1 << 64) - 1)]] = None  # torch.manual_seed's range
+    stop: Optional[Union[Annotated[str, Field(min_length=1, max_length=64)],
+                         Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=MAX_STOPS)]]] = None
+    n: Annotated[int, Field(ge=1, le=1)] = 1
+    user: Optional[Annotated[str, Field(max_length=256)]] = None
+    presence_penalty: Annotated[Finite, Field(ge=0.0, le=0.0)] = 0.0
+    frequency_penalty: Annotated[Finite, Field(ge=0.0, le=0.0)] = 0.0
+
+    def params(self, default_max_tokens: int) -> GenerationParams:
+        temperature = self.temperature or 0.0
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return GenerationParams(
+            max_new_tokens=self.max_completion_tokens or self.max_tokens or default_max_tokens,
+            temperature=0.0 if temperature < 1e-3 else temperature,  # so small it is greedy (and cannot overflow)
+            top_p=1.0 if self.top_p is None else self.top_p,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            stop=stop,
+            seed=self.seed or 0,
         )
-    except (TypeError, ValueError) as exc:
-        raise RequestError(400, f"bad sampling parameter: {exc}") from None
-    if params.max_new_tokens < 1 or params.temperature < 0 or not 0 < params.top_p <= 1:
-        raise RequestError(400, "max_tokens must be >= 1, temperature >= 0 and 0 < top_p <= 1")
-    return params
 
 
-class OpenAIHandler(BaseHTTPRequestHandler):
-    server_version = "ragtune-openai/1"
-    protocol_version = "HTTP/1.1"
-    generator: Any = None  # set on the subclass made by make_server
-    default_max_tokens = 256
+class ChatCompletionRequest(_Sampling):
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
 
-    def log_message(self, format: str, *args: Any) -> None:  # quiet by default; the CLI prints one line per request
-        if getattr(self.server, "verbose", False):
-            super().log_message(format, *args)
 
-    # --- plumbing -----------------------------------------------------------------------------
-    def _send_json(self, status: int, payload: dict[str, Any]) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+class CompletionRequest(_Sampling):
+    prompt: Union[NonEmptyText, Annotated[list[NonEmptyText], Field(min_length=1, max_length=1)]]
 
-    def _error(self, status: int, message: str, code: str = "invalid_request_error") -> None:
-        self._send_json(status, {"error": {"message": message, "type": code, "code": status}})
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
-    def _body(self) -> dict[str, Any]:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY_BYTES:
-            raise RequestError(400, f"request body over {MAX_BODY_BYTES} bytes")
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "constrained-str", "constrained-int", "constrained-float"}
+
+
+def _validation_message(exc: ValidationError) -> str:
+    """One line naming each bad field (a union's branches are reported once, by its first branch)."""
+    parts: dict[str, str] = {}
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(x) for x in err.get("loc", ())
+                       if isinstance(x, int) or (re.fullmatch(r"[a-z_]+", x) and x not in _TYPE_TAGS)) or "body"
+        if loc in parts:
+            continue
+        kind = err.get("type")
+        parts[loc] = ("unknown field; remove it" if kind == "extra_forbidden" else
+                      "required" if kind == "missing" else str(err.get("msg")))
+    shown = [f"{loc}: {msg}" for loc, msg in list(parts.items())[:3]]
+    more = len(parts) - len(shown)
+    return "invalid request: " + "; ".join(shown) + (f" (and {more} more)" if more > 0 else "")
+
+
+def _parse(body: bytes, model: type[_Body]) -> Any:
+    try:
+        data = json.loads(body) if body.strip() else None
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly nested JSON
+        raise ApiError(400, f"the request body is not valid JSON ({type(exc).__name__}); send a JSON object",
+                       code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object (see the OpenAI API reference)", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ApiError(400, _validation_message(exc), code="invalid_request") from None
+
+
+# ------------------------------------------------------------------------------ concurrency
+
+class Slots:
+    """At most ``limit`` requests hold a slot; ``try_acquire`` answers at once (no queue)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.active = limit, 0
+        self._lock = threading.Lock()
+
+    def try_acquire(self) -> Optional["Slot"]:
+        with self._lock:
+            if self.active >= self.limit:
+                return None
+            self.active += 1
+        return Slot(self)
+
+
+class Slot:
+    def __init__(self, slots: Slots) -> None:
+        self._slots: Optional[Slots] = slots
+
+    def release(self) -> None:
+        slots, self._slots = self._slots, None
+        if slots is not None:
+            with slots._lock:
+                slots.active -= 1
+
+
+class _SlotStreamingResponse(StreamingResponse):
+    """A streamed response that frees its slot however it ends: completed, failed or client gone."""
+
+    def __init__(self, content: Any, slot: Slot, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._slot = slot
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
-            body = json.loads(self.rfile.read(length) or b"{}")
-        except ValueError:
-            raise RequestError(400, "the request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise RequestError(400, "the request body must be a JSON object")
-        return body
+            await super().__call__(scope, receive, send)
+        finally:
+            self._slot.release()
 
-    def _adapter_for(self, model: str | None) -> str | None:
+
+# ------------------------------------------------------------------------------ the application
+
+class _Service:
+    def __init__(self, generator: Any, limits: ServerLimits, default_max_tokens: int) -> None:
+        self.generator = generator
+        self.limits = limits
+        self.default_max_tokens = default_max_tokens
+        self.slots = Slots(limits.max_concurrent)
+        home = getattr(generator, "home", None)
+        self._secrets = sorted({str(home), str(home.resolve())} if home is not None else set(), key=len, reverse=True)
+
+    def redact(self, message: str) -> str:
+        """Messages leave the server without the workspace's absolute path."""
+        for secret in self._secrets:
+            message = message.replace(secret, "$RAGTUNE_HOME")
+        return message
+
+    def adapter_for(self, model: Optional[str]) -> Optional[str]:
+        """The adapter ``model`` names (None = the base). Whether a name exists is decided by the adapter
+        registry's listing, never by probing a path, so the answer tells nothing about other folders."""
         gen = self.generator
-        if not model or model in ("base", gen.base_id):
+        if model in (None, "base", gen.base_id):
             return None
         try:
-            gen.check_adapter(model)
-        except ServingError as exc:
-            raise RequestError(404, f"model {model!r}: {exc}", "model_not_found") from None
+            check_name(model, "model")
+        except InvalidName:
+            shown = model if len(model) <= 80 else model[:77] + "..."
+            raise ApiError(400, f"invalid model {shown!r}: use 'base', {gen.base_id!r} or an adapter name from "
+                                "GET /v1/models (letters, digits, '_', '.', '-'; no '/' or '..')",
+                           code="invalid_model") from None
+        entry = {a["name"]: a for a in gen.available_adapters()}.get(model)
+        if entry is None or entry.get("error"):
+            raise ApiError(404, f"model {model!r} does not exist; GET /v1/models lists the models this server serves",
+                           code="model_not_found")
+        if not entry.get("usable", True):
+            raise ApiError(404, f"model {model!r}: {self.redact(str(entry.get('why')))}", code="model_not_found")
         return model
 
-    # --- routes -------------------------------------------------------------------------------
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        if self.path.rstrip("/") in ("/v1/models", "/models"):
-            gen = self.generator
-            now = int(time.time())
-            data = [{"id": gen.base_id, "object": "model", "created": now, "owned_by": "ragtune"}]
-            data += [{"id": a["name"], "object": "model", "created": now, "owned_by": "ragtune", "parent": gen.base_id}
-                     for a in gen.available_adapters() if a.get("usable")]
-            self._send_json(200, {"object": "list", "data": data})
-        elif self.path.rstrip("/") in ("/health", "/v1/health"):
-            self._send_json(200, {"status": "ok"})
-        else:
-            self._error(404, f"no route GET {self.path}; try /v1/models", "not_found")
-
-    def do_POST(self) -> None:  # noqa: N802
-        route = self.path.rstrip("/")
+    def open_stream(self, model: Optional[str], start: Callable[[Optional[str]], Any]) -> Any:
+        """Runs in a worker thread: resolve the model, load its adapter if needed, tokenize the prompt."""
+        adapter = self.adapter_for(model)
         try:
-            body = self._body()
-            if route in ("/v1/chat/completions", "/chat/completions"):
-                messages = body.get("messages")
-                if not isinstance(messages, list) or not messages or not all(
-                        isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ("system", "user", "assistant")
-                        for m in messages):
-                    raise RequestError(400, "messages must be a non-empty list of {role: system|user|assistant, content: string}")
-                adapter = self._adapter_for(body.get("model"))
-                params = _params(body, self.default_max_tokens)
-                tokens = self.generator.stream([{"role": m["role"], "content": m["content"]} for m in messages], adapter, params)
-                self._respond(tokens, body, chat=True)
-            elif route in ("/v1/completions", "/completions"):
-                prompt = body.get("prompt")
-                if isinstance(prompt, list) and len(prompt) == 1:
-                    prompt = prompt[0]
-                if not isinstance(prompt, str) or not prompt:
-                    raise RequestError(400, "prompt must be a non-empty string")
-                adapter = self._adapter_for(body.get("model"))
-                params = _params(body, self.default_max_tokens)
-                self._respond(self.generator.stream_prompt(prompt, adapter, params), body, chat=False)
-            else:
-                raise RequestError(404, f"no route POST {self.path}; use /v1/chat/completions or /v1/completions", "not_found")
-        except RequestError as exc:
-            self._error(exc.status, str(exc), exc.code)
+            return start(adapter)
         except ServingError as exc:
-            self._error(400, str(exc))
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client went away
+            if adapter is not None and "adapter" in str(exc):
+                raise ApiError(404, f"model {model!r}: {self.redact(str(exc))}", code="model_not_found") from None
+            raise ApiError(400, self.redact(str(exc)), code="invalid_request") from None
 
-    def _respond(self, tokens: Any, body: dict[str, Any], chat: bool) -> None:
+    def models(self) -> dict[str, Any]:
+        gen = self.generator
+        now = int(time.time())
+        data = [{"id": gen.base_id, "object": "model", "created": now, "owned_by": "ragtune"}]
+        data += [{"id": a["name"], "object": "model", "created": now, "owned_by": "ragtune", "parent": gen.base_id}
+                 for a in gen.available_adapters() if a.get("usable")]
+        return {"object": "list", "data": data}
+
+
+def _usage(tokens: Any) -> dict[str, int]:
+    return {"prompt_tokens": tokens.prompt_tokens, "completion_tokens": tokens.completion_tokens,
+            "total_tokens": tokens.prompt_tokens + tokens.completion_tokens}
+
+
+async def _generate(service: _Service, req: _Sampling, start: Callable[[Optional[str], GenerationParams], Any],
+                    chat: bool) -> Any:
+    params = req.params(service.default_max_tokens)
+    slot = service.slots.try_acquire()
+    if slot is None:
+        raise ApiError(429, f"the server is busy ({service.limits.max_concurrent} requests generating); retry shortly",
+                       "rate_limit_error", "too_many_requests", headers={"Retry-After": "1"})
+    try:
+        tokens = await run_in_threadpool(service.open_stream, req.model, lambda adapter: start(adapter, params))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
-        model = body.get("model") or self.generator.base_id
-        obj = "chat.completion" if chat else "text_completion"
-        if not body.get("stream"):
-            text = "".join(tokens)
+        model = req.model or service.generator.base_id
+        if not req.stream:
+            try:
+                text = await run_in_threadpool(lambda: "".join(tokens))
+            except ServingError as exc:
+                raise ApiError(400, service.redact(str(exc)), code="invalid_request") from None
             choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": tokens.finish_reason}
                       if chat else {"index": 0, "text": text, "finish_reason": tokens.finish_reason})
-            self._send_json(200, {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
-                                  "usage": self._usage(tokens)})
-            return
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.close_connection = True
-        chunk_obj = "chat.completion.chunk" if chat else "text_completion"
+            return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+                                 "model": model, "choices": [choice], "usage": _usage(tokens)})
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        events = _events(service, tokens, rid, created, model, chat, include_usage)
+        response = _SlotStreamingResponse(events, slot, media_type="text/event-stream",
+                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        slot = None  # the response frees it when the stream ends
+        return response
+    finally:
+        if slot is not None:
+            slot.release()
 
-        def event(choice: dict[str, Any], usage: dict | None = None) -> None:
-            payload = {"id": rid, "object": chunk_obj, "created": created, "model": model, "choices": [choice] if choice else []}
-            if usage is not None:
-                payload["usage"] = usage
-            self.wfile.write(f"data: {json.dumps(payload)}\n\n".encode())
-            self.wfile.flush()
 
-        try:
-            if chat:
-                event({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
-            for piece in tokens:
-                event({"index": 0, "delta": {"content": piece}, "finish_reason": None} if chat
-                      else {"index": 0, "text": piece, "finish_reason": None})
-            event({"index": 0, "delta": {}, "finish_reason": tokens.finish_reason} if chat
-                  else {"index": 0, "text": "", "finish_reason": tokens.finish_reason})
-            if (body.get("stream_options") or {}).get("include_usage"):
-                event({}, self._usage(tokens))
-        except ServingError as exc:  # headers are gone: report in-band, as vLLM does
-            self.wfile.write(f"data: {json.dumps({'error': {'message': str(exc)}})}\n\n".encode())
-        self.wfile.write(b"data: [DONE]\n\n")
-        self.wfile.flush()
+async def _events(service: _Service, tokens: Any, rid: str, created: int, model: str, chat: bool, include_usage: bool):
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def event(choice: Optional[dict[str, Any]], usage: Optional[dict[str, int]] = None) -> bytes:
+        payload: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": model,
+                                   "choices": [choice] if choice else []}
+        if usage is not None:
+            payload["usage"] = usage
+        return b"data: " + _json_bytes(payload) + b"\n\n"
+
+    try:
+        if chat:
+            yield event({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+        while True:
+            piece = await run_in_threadpool(next, tokens, _END)  # decoding never runs on the event loop
+            if piece is _END:
+                break
+            yield event({"index": 0, "delta": {"content": piece}, "finish_reason": None} if chat
+                        else {"index": 0, "text": piece, "finish_reason": None})
+        yield event({"index": 0, "delta": {}, "finish_reason": tokens.finish_reason} if chat
+                    else {"index": 0, "text": "", "finish_reason": tokens.finish_reason})
+        if include_usage:
+            yield event(None, _usage(tokens))
+    except Exception as exc:  # noqa: BLE001 - the headers are gone: report in-band, as vLLM does
+        if isinstance(exc, ServingError):
+            message = service.redact(str(exc))
+        else:
+            log.exception("generation failed mid-stream")
+            message = "the model failed while generating this answer; the server log has the details"
+        yield b"data: " + _json_bytes(error_body(message, "server_error", "generation_failed")) + b"\n\n"
+    yield b"data: [DONE]\n\n"
+
+
+def create_app(generator: Any, limits: Optional[ServerLimits] = None, api_key: Optional[str] = None,
+               default_max_tokens: int = 256) -> "RequestGuard":
+    """The ASGI application: FastAPI routes behind :class:`RequestGuard`."""
+    limits = limits or ServerLimits()
+    service = _Service(generator, limits, default_max_tokens)
+    app = FastAPI(title="ragtune", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(error_body(str(exc), exc.type, exc.code), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path[:200]}; use /v1/models, /v1/chat/completions or /v1/completions"
+        else:
+            message = f"{request.method} is not allowed on {request.url.path[:200]}" if exc.status_code == 405 else str(exc.detail)
+        return JSONResponse(error_body(message, _TYPE_BY_STATUS.get(exc.status_code, "invalid_request_error"),
+                                       "not_found" if exc.status_code == 404 else None),
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("request failed", exc_info=exc)
+        return JSONResponse(error_body("internal server error; the server log has the details", "server_error", None),
+                            status_code=500)
+
+    async def models() -> dict[str, Any]:
+        return await run_in_threadpool(service.models)
+
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    async def chat_completions(request: Request) -> Any:
+        req = _parse(await request.body(), ChatCompletionRequest)
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        return await _generate(service, req, lambda adapter, params: generator.stream(messages, adapter, params), chat=True)
+
+    async def completions(request: Request) -> Any:
+        req = _parse(await request.body(), CompletionRequest)
+        prompt = req.text()
+        return await _generate(service, req, lambda adapter, params: generator.stream_prompt(prompt, adapter, params), chat=False)
+
+    for path in ("/v1/models", "/models"):
+        app.add_api_route(path, models, methods=["GET"])
+        app.add_api_route(path + "/", models, methods=["GET"], include_in_schema=False)
+    for path in ("/health", "/v1/health"):
+        app.add_api_route(path, health, methods=["GET"])
+    for path in ("/v1/chat/completions", "/chat/completions"):
+        app.add_api_route(path, chat_completions, methods=["POST"])
+        app.add_api_route(path + "/", chat_completions, methods=["POST"], include_in_schema=False)
+    for path in ("/v1/completions", "/completions"):
+        app.add_api_route(path, completions, methods=["POST"])
+        app.add_api_route(path + "/", completions, methods=["POST"], include_in_schema=False)
+    return RequestGuard(app, limits, api_key)
+
+
+# ------------------------------------------------------------------------- the request guard
+
+class RequestGuard:
+    """ASGI middleware: API key, then the body's framing and size, then its arrival time, all before the
+    app reads a byte. Refusals close the connection (see the module docstring)."""
+
+    def __init__(self, app: Any, limits: ServerLimits, api_key: Optional[str]) -> None:
+        self.app = app
+        self.limits = limits
+        self._key = api_key.encode("utf-8") if api_key else None
 
     @staticmethod
-    def _usage(tokens: Any) -> dict[str, int]:
-        return {"prompt_tokens": tokens.prompt_tokens, "completion_tokens": tokens.completion_tokens,
-                "total_tokens": tokens.prompt_tokens + tokens.completion_tokens}
+    async def _refuse(send: Any, status: int, message: str, code: str, extra: Optional[list] = None) -> None:
+        body = _json_bytes(error_body(message, _TYPE_BY_STATUS.get(status, "invalid_request_error"), code))
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close")] + (extra or [])
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    def _authorized(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        values = [v for k, v in headers if k == b"authorization"]
+        token = b""
+        if len(values) == 1:
+            scheme, _, rest = values[0].strip().partition(b" ")
+            if scheme.lower() == b"bearer":
+                token = rest.strip()
+        # compare_digest takes time independent of where the strings differ
+        return hmac.compare_digest(token, self._key) and len(values) == 1 and bool(token)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = scope["headers"]
+        if self._key is not None and scope["path"] not in OPEN_PATHS and not self._authorized(headers):
+            await self._refuse(send, 401, "missing or wrong API key: send 'Authorization: Bearer <key>' with the key the "
+                                          "server was started with (--api-key or RAGTUNE_API_KEY)", "invalid_api_key",
+                               [(b"www-authenticate", b"Bearer")])
+            return
+        lengths = [v for k, v in headers if k == b"content-length"]
+        chunked = any(k == b"transfer-encoding" for k, _ in headers)
+        limit = self.limits.max_body_bytes
+        if lengths and chunked:
+            await self._refuse(send, 400, "a request may carry Content-Length or Transfer-Encoding, not both; send one",
+                               "bad_framing")
+            return
+        if lengths:
+            raw = lengths[0].strip()
+            if not raw.isdigit() or len(raw) > 18:  # h11 refuses these first; kept as a second line of defence
+                await self._refuse(send, 400, "invalid Content-Length; send the body's length in bytes", "bad_content_length")
+                return
+            if int(raw) > limit:
+                await self._refuse(send, 413, f"request body of {int(raw)} bytes is over the limit of {limit} bytes; "
+                                              "send a smaller request", "body_too_large")
+                return
+        body = bytearray()
+        try:
+            with anyio.fail_after(self.limits.body_timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    body += message.get("body", b"")
+                    if len(body) > limit:
+                        await self._refuse(send, 413, f"request body is over the limit of {limit} bytes; send a smaller "
+                                                      "request", "body_too_large")
+                        return
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            await self._refuse(send, 408, f"the request body did not arrive within {self.limits.body_timeout_s:g} s",
+                               "body_timeout")
+            return
+        delivered = False
+
+        async def replay() -> Any:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()  # after the body: the disconnect a streaming response listens for
+
+        await self.app(scope, replay, send)
+
+
+# --------------------------------------------------------------------------- the connection
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a connection cap, a deadline for each request's headers and
+    OpenAI-shaped 400s for malformed HTTP. ``limits`` is set on the subclass :func:`make_server` builds."""
+
+    limits: ServerLimits = ServerLimits()
+    _head_timer: Optional[asyncio.TimerHandle] = None
+    _rejected = False
+
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.limits.max_connections:
+            self._rejected = True
+            body = _json_bytes(error_body(f"too many open connections (limit {self.limits.max_connections}); retry "
+                                          "shortly", "server_error", "too_many_connections"))
+            transport.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: "
+                            + str(len(body)).encode() + b"\r\nretry-after: 1\r\nconnection: close\r\n\r\n" + body)
+            transport.close()
+            return
+        self._arm_head_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self._rejected:
+            return
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:
+            self._cancel_head_timer()
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self._arm_head_timer()
+
+    def _arm_head_timer(self) -> None:
+        self._cancel_head_timer()
+        self._head_timer = self.loop.call_later(self.limits.header_timeout_s, self._head_timeout)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()  # no complete request head in time (idle, or a trickle of bytes)
+
+    def send_400_response(self, msg: str) -> None:
+        body = _json_bytes(error_body("malformed HTTP request (request line, a header or Content-Length); fix the "
+                                      "client", "invalid_request_error", "bad_http_request"))
+        try:
+            for event in (h11.Response(status_code=400, reason=b"Bad Request",
+                                       headers=[(b"content-type", b"application/json"), (b"connection", b"close"),
+                                                (b"content-length", str(len(body)).encode())]),
+                          h11.Data(data=body), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+        except h11.LocalProtocolError:  # a response was already under way: just close
+            pass
+        self.transport.close()
+
+
+# ------------------------------------------------------------------------------------ running
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_warning(host: str, api_key: Optional[str]) -> Optional[str]:
+    """The warning to print when the server listens beyond this machine with no API key, else None."""
+    if api_key or is_loopback(host):
+        return None
+    return (f"warning: listening on {host} with no API key: anyone who can reach this port can use the model. "
+            "Set RAGTUNE_API_KEY (or --api-key) and put a TLS proxy in front, or bind 127.0.0.1")
+
+
+class OpenAIServer:
+    """A uvicorn server on a socket bound at construction (so the port is known at once)."""
+
+    def __init__(self, app: Any, host: str, port: int, limits: ServerLimits, verbose: bool = False) -> None:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, _, _, _, address = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError:
+            sock.close()
+            raise
+        sock.set_inheritable(True)
+        self.socket = sock
+        self.server_address = sock.getsockname()[:2]
+        protocol = type("Protocol", (GuardedH11Protocol,), {"limits": limits})
+        config = uvicorn.Config(app, http=protocol, ws="none", lifespan="off", interface="asgi3", log_config=None,
+                                access_log=verbose, server_header=False, timeout_keep_alive=limits.keep_alive_s,
+                                timeout_graceful_shutdown=max(1, round(limits.shutdown_timeout_s)),
+                                backlog=max(128, limits.max_connections))
+        self._server = uvicorn.Server(config)
+        self._thread: Optional[threading.Thread] = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
+
+    @property
+    def started(self) -> bool:
+        return self._server.started
+
+    def serve_forever(self) -> None:
+        """Serve until :meth:`shutdown` (or Ctrl-C when run in the main thread)."""
+        self._server.run(sockets=[self.socket])
+
+    def start(self) -> "OpenAIServer":
+        """Serve from a daemon thread; returns once the server accepts connections."""
+        self._thread = threading.Thread(target=self.serve_forever, name="ragtune-openai", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the OpenAI server did not start; see the log above")
+            time.sleep(0.01)
+        return self
+
+    def shutdown(self) -> None:
+        self._server.should_exit = True
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=self._server.config.timeout_graceful_shutdown + 5)
+
+    def server_close(self) -> None:
+        self.socket.close()
 
 
 def make_server(generator: Any, host: str = "127.0.0.1", port: int = 8000, default_max_tokens: int = 256,
-                verbose: bool = False) -> ThreadingHTTPServer:
-    """An HTTP server bound to ``host:port`` (port 0 = a free port: read ``server.server_address``)."""
-    handler = type("Handler", (OpenAIHandler,), {"generator": generator, "default_max_tokens": default_max_tokens})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    server.verbose = verbose  # type: ignore[attr-defined]
-    return server
+                verbose: bool = False, limits: Optional[ServerLimits] = None, api_key: Optional[str] = None,
+                warn: bool = True) -> OpenAIServer:
+    """A server bound to ``host:port`` (port 0 = a free port: read ``server.server_address``). Logs a
+    warning when it listens beyond loopback with no API key (``warn=False``: the caller prints it)."""
+    limits = limits or ServerLimits()
+    warning = exposure_warning(host, api_key) if warn else None
+    if warning:
+        log.warning(warning)
+    return OpenAIServer(create_app(generator, limits, api_key, default_max_tokens), host, port, limits, verbose)
 
 
-def serve_in_thread(generator: Any, host: str = "127.0.0.1", port: int = 0) -> tuple[ThreadingHTTPServer, str]:
-    """Start a server in a daemon thread; returns (server, base URL ending in /v1). Stop with ``server.shutdown()``."""
-    server = make_server(generator, host, port)
-    threading.Thread(target=server.serve_forever, name="ragtune-openai", daemon=True).start()
-    h, p = server.server_address[:2]
-    return server, f"http://{h}:{p}/v1"
+def serve_in_thread(generator: Any, host: str = "127.0.0.1", port: int = 0, *, limits: Optional[ServerLimits] = None,
+                    api_key: Optional[str] = None, default_max_tokens: int = 256) -> tuple[OpenAIServer, str]:
+    """Start a server in a daemon thread; returns (server, base URL ending in /v1). Stop with
+    ``server.shutdown()``."""
+    server = make_server(generator, host, port, default_max_tokens, limits=limits, api_key=api_key).start()
+    return server, server.url
+
+
+__all__ = ["ServerLimits", "create_app", "make_server", "serve_in_thread", "OpenAIServer", "exposure_warning",
+           "is_loopback", "ChatCompletionRequest", "CompletionRequest", "MAX_BODY_BYTES"]
