@@ -284,6 +284,20 @@ def test_text_and_time_limits_are_config_fields(home, tmp_path):
             build_config(IndexConfig, bad)
 
 
+def test_the_time_limit_interrupts_a_long_call_in_the_main_thread():
+    import signal
+
+    from rag.documents import Budget, DocumentError, hard_deadline
+
+    started = time.perf_counter()
+    with pytest.raises(DocumentError, match="max_seconds_per_file=0.2"):
+        with hard_deadline(Budget(max_seconds=0.2)):
+            while True:  # one call that never checks the budget itself
+                sum(range(10_000))
+    assert time.perf_counter() - started < 5
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # the timer is cancelled afterwards
+
+
 def test_docx_bomb_is_refused_before_it_is_inflated():
     from rag.documents import Budget, DocumentError, load_bytes
 
