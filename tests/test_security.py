@@ -243,6 +243,19 @@ def test_cli_index_reports_bad_files_and_exits_partial(home, tmp_path):
     assert report["added"] == 4 and {"malformed.docx", "bomb.docx", "pipe.txt"} <= {f["path"] for f in report["failed"]}
 
 
+def test_cli_limits_are_settable_per_collection_and_per_run(home, tmp_path):
+    root = tmp_path / "docs"
+    root.mkdir()
+    (root / "long.txt").write_text("word " * 2000, encoding="utf-8")
+    out = cli("index", str(root), "--collection", "l", "--set", "max_text_chars=1000", "--json", home=home)
+    assert out.returncode == 3 and "max_text_chars=1,000" in json.loads(out.stdout)["failed"][0]["error"]
+    out = cli("index", str(root), "--collection", "l", "--set", "max_text_chars=100000", "--json", home=home)
+    assert out.returncode == 0 and json.loads(out.stdout)["added"] == 1, out.stderr  # raised for this run
+    one_line_error(cli("index", str(root), "--collection", "l", "--set", "chunk_tokens=64", home=home), "ragtune reindex l")
+    one_line_error(cli("index", str(root), "--collection", "l", "--set", "max_text_chars=-5", home=home), "max_text_chars")
+    one_line_error(cli("index", str(root), "--collection", "n", "--set", "bogus=1", home=home), "unknown key")
+
+
 def test_devices_and_pipes_given_directly_are_refused(home, tmp_path):
     fifo = tmp_path / "direct.txt"
     os.mkfifo(fifo)
