@@ -388,6 +388,10 @@ def load_bytes(path: Path, data: bytes, source: str | None = None, budget: Budge
                             "re-save or repair it") from None
     if not document.text.strip():
         raise DocumentError("no text after extraction")
+    try:
+        document.text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates from a broken PDF font map: SQLite cannot store them
+        document.text = document.text.encode("utf-8", "replace").decode("utf-8")  # one '?' each: offsets hold
     document.source = source or path.name
     return document
 
