@@ -41,7 +41,8 @@ def child_path(root: str | os.PathLike, name: object, kind: str = "name") -> Pat
     resolved_root = root_path.resolve()
     resolved = path.resolve()
     if resolved.parent != resolved_root:
-        raise InvalidName(f"{kind} {name!r} resolves outside {root_path} (a symlink?); remove it or pick another name")
+        # the message names no absolute path: it may reach an HTTP client
+        raise InvalidName(f"{kind} {name!r} resolves outside its folder (a symlink?); remove the link or pick another name")
     return path
 
 

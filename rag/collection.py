@@ -91,6 +91,9 @@ class IndexReport:
         return dict(self.__dict__)
 
 
+RUN_TIME_FIELDS = frozenset({"max_file_mb", "max_text_chars", "max_seconds_per_file", "batch_size", "group_chunks"})
+
+
 def collection_name(name: object) -> str:
     """``name`` if it is a valid collection name, else CollectionError saying what is allowed."""
     try:
@@ -140,8 +143,22 @@ class Collection:
 
     # --- writing ------------------------------------------------------------------------------
     def index_paths(self, paths: Iterable[str | os.PathLike], *, sync: bool = False, include: list[str] | None = None,
-                    exclude: list[str] | None = None, progress: bool | ProgressCallback = False) -> IndexReport:
+                    exclude: list[str] | None = None, progress: bool | ProgressCallback = False,
+                    limits: dict[str, Any] | None = None) -> IndexReport:
+        """Index ``paths``. ``limits`` overrides run-time fields of the stored config for this run only
+        (:data:`RUN_TIME_FIELDS`: size and time limits, batch sizes); chunking and model stay as stored."""
         started = time.perf_counter()
+        if limits:
+            fixed = sorted(set(limits) - RUN_TIME_FIELDS)
+            if fixed:
+                raise CollectionError(f"{', '.join(fixed)} of collection {self.name!r} is fixed when it is created; change "
+                                      f"it with: ragtune reindex {self.name} (run-time keys: {', '.join(sorted(RUN_TIME_FIELDS))})")
+            stored = self.config
+            self.config = build_config(IndexConfig, {**config_to_dict(stored), **limits}, source="limits")
+            try:
+                return self.index_paths(paths, sync=sync, include=include, exclude=exclude, progress=progress)
+            finally:
+                self.config = stored
         report = IndexReport()
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
@@ -348,8 +365,9 @@ class Workspace:
 
     def index(self, name: str, paths: Iterable[str | os.PathLike], *, sync: bool = False, include: list[str] | None = None,
               exclude: list[str] | None = None, config: IndexConfig | None = None,
-              progress: bool | ProgressCallback = False) -> IndexReport:
-        """Index ``paths`` into ``name`` (created with ``config`` if missing)."""
+              progress: bool | ProgressCallback = False, limits: dict[str, Any] | None = None) -> IndexReport:
+        """Index ``paths`` into ``name`` (created with ``config`` if missing); ``limits``: see
+        :meth:`Collection.index_paths`."""
         collection_name(name)
         col = self.create(name, config, exist_ok=True)
         if config is not None:
@@ -358,7 +376,7 @@ class Workspace:
                 raise CollectionError(
                     f"collection {name!r} was built with {col.embedding_model}; adding with {wanted} would mix "
                     f"incomparable vectors. Rebuild it with: ragtune reindex {name} --model {config.embedding_model}")
-        return col.index_paths(paths, sync=sync, include=include, exclude=exclude, progress=progress)
+        return col.index_paths(paths, sync=sync, include=include, exclude=exclude, progress=progress, limits=limits)
 
     def drop(self, name: str) -> None:
         col = self.get(name)

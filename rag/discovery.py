@@ -50,10 +50,13 @@ def discover(paths: Iterable[str | os.PathLike], include: list[str] | None = Non
             real = given_path.resolve(strict=True)
             mode = real.stat().st_mode
         except FileNotFoundError:
-            failed.append({"path": str(given), "error": "no such file or folder"})
+            failed.append({"path": shown(str(given)), "error": "no such file or folder"})
             continue
         except (RuntimeError, OSError) as exc:
-            failed.append({"path": str(given), "error": f"cannot resolve ({loop_or(exc)})"})
+            failed.append({"path": shown(str(given)), "error": f"cannot resolve ({loop_or(exc)})"})
+            continue
+        if not utf8(str(real)):
+            failed.append({"path": shown(str(given)), "error": "the path is not valid UTF-8; rename it (e.g. convmv -f latin1 -t utf8)"})
             continue
         if stat.S_ISREG(mode):
             if real.suffix.lower() not in SUPPORTED_SUFFIXES:
@@ -79,12 +82,15 @@ def discover(paths: Iterable[str | os.PathLike], include: list[str] | None = Non
                     dirnames.remove(d)  # never walk through directory links (loops, escapes)
                     problem = link_problem(full, root)
                     if problem:
-                        failed.append({"path": os.path.relpath(full, root), "error": problem})
+                        failed.append({"path": shown(os.path.relpath(full, root)), "error": problem})
             for name in sorted(filenames):
                 if name.startswith("."):
                     continue
                 full = os.path.join(dirpath, name)
                 rel = Path(os.path.relpath(full, root)).as_posix()
+                if not utf8(rel):  # bytes that are not UTF-8 in a file name: SQLite and JSON cannot hold it
+                    failed.append({"path": shown(rel), "error": "file name is not valid UTF-8; rename it (e.g. convmv -f latin1 -t utf8)"})
+                    continue
                 if not selected(rel, include, exclude):
                     continue
                 if Path(name).suffix.lower() not in SUPPORTED_SUFFIXES:
@@ -106,8 +112,21 @@ def discover(paths: Iterable[str | os.PathLike], include: list[str] | None = Non
                 candidates.append(Candidate(Path(full), rel, root))
         for exc in walk_errors:
             where = os.path.relpath(exc.filename, root) if exc.filename else str(given)
-            failed.append({"path": where, "error": f"cannot list folder ({exc.strerror or exc}); check permissions"})
+            failed.append({"path": shown(where), "error": f"cannot list folder ({exc.strerror or exc}); check permissions"})
     return candidates, failed, skipped, roots
+
+
+def utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def shown(text: str) -> str:
+    """``text`` with undecodable bytes as ``\\xff`` escapes, so a report can always be printed and stored."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def kind_of(mode: int) -> str:

@@ -18,10 +18,13 @@ checked before anything is inflated (zipfile never inflates a member past its de
 
 from __future__ import annotations
 
+import contextlib
 import html.parser
 import json
 import math
 import re
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -371,9 +374,12 @@ def load_bytes(path: Path, data: bytes, source: str | None = None, budget: Budge
         )
     budget = budget or Budget()
     try:
-        document = loader(path, data, budget)
+        with hard_deadline(budget):
+            document = loader(path, data, budget)
     except DocumentError:
         raise
+    except _Overtime:  # the timer fired between the loader's return and its own cancellation
+        raise DocumentError(f"extraction took over max_seconds_per_file={budget.max_seconds:g}s") from None
     except MemoryError:
         raise DocumentError("ran out of memory extracting the text; split the file or lower max_text_chars") from None
     except Exception as exc:  # noqa: BLE001 - parsers raise many internal types on damaged input
@@ -382,8 +388,46 @@ def load_bytes(path: Path, data: bytes, source: str | None = None, budget: Budge
                             "re-save or repair it") from None
     if not document.text.strip():
         raise DocumentError("no text after extraction")
+    try:
+        document.text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates from a broken PDF font map: SQLite cannot store them
+        document.text = document.text.encode("utf-8", "replace").decode("utf-8")  # one '?' each: offsets hold
     document.source = source or path.name
     return document
+
+
+class _Overtime(BaseException):
+    """Raised by the interval timer inside a loader that overran its budget (BaseException: no parser's
+    ``except Exception`` swallows it)."""
+
+
+@contextlib.contextmanager
+def hard_deadline(budget: Budget):
+    """Interrupt the loader when ``budget.max_seconds`` passes, even inside one long parser call.
+
+    Signals reach only the main thread, so this holds in the CLI; in other threads (the app's
+    indexing) the budget's checks between pages, paragraphs and rows are the limit. A timer someone
+    else set is restored afterwards."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+    remaining = budget.max_seconds - (time.monotonic() - budget.started)
+
+    def overtime(signum, frame):
+        raise _Overtime()
+
+    previous = signal.signal(signal.SIGALRM, overtime)
+    old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, max(remaining, 0.001))
+    try:
+        yield
+    except _Overtime:
+        raise DocumentError(f"extraction took over max_seconds_per_file={budget.max_seconds:g}s; split or simplify the "
+                            "file, or raise max_seconds_per_file in the index config") from None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if old_delay:
+            signal.setitimer(signal.ITIMER_REAL, old_delay, old_interval)
 
 
 def load_document(path: str | Path, source: str | None = None) -> Document:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+import numpy as np
+
 from core import db
 from rag import store
 from rag.chunking import Chunk, TokenChunker
@@ -113,8 +115,11 @@ class Ingestion:
 def store_documents(collection: "Collection", pending: list[PendingDocument]) -> int:
     """Embed the pending documents' chunks and commit them (replacing older versions) in one transaction."""
     chunks = [c for p in pending for c in p.chunks]
-    vectors = collection.embedder.embed_batch([c.embedding_text() for c in chunks], batch_size=collection.config.batch_size)
-    if len(chunks) and vectors.shape[1] != collection.dimension:
+    if not chunks:  # only documents without text (kept by reindex): nothing to embed
+        vectors = np.zeros((0, collection.dimension), dtype=np.float32)
+    else:
+        vectors = collection.embedder.embed_batch([c.embedding_text() for c in chunks], batch_size=collection.config.batch_size)
+    if vectors.shape[1] != collection.dimension:
         from rag.collection import CollectionError
 
         raise CollectionError(f"embedder returned {vectors.shape[1]}-d vectors but {collection.name!r} holds "

@@ -71,15 +71,18 @@ def index_cmd(
     model: Optional[str] = typer.Option(None, "--model", help="embedding model for a new collection: 'default', a local folder or a hub id"),
     index_type: Optional[str] = typer.Option(None, "--index-type", help="FAISS index for a new collection: flat (exact) or hnsw"),
     chunk_tokens: Optional[int] = typer.Option(None, "--chunk-tokens", help="chunk size in tokens for a new collection (default 256)"),
+    settings: List[str] = typer.Option([], "--set", help="index config KEY=VALUE (repeatable): any key for a new collection; "
+                                       "for an existing one the run-time limits max_file_mb, max_text_chars, "
+                                       "max_seconds_per_file, batch_size, group_chunks (this run only)"),
     as_json: bool = JsonOption,
     home: Optional[str] = HomeOption,
 ) -> None:
     """Index files and folders (.txt .md .html .pdf .docx .jsonl) into a collection; re-runs only embed what changed.
 
-    Example: ragtune index corpora/corvida/docs --collection corvida --sync
+    Example: ragtune index corpora/corvida/docs --collection corvida --sync --set max_text_chars=20000000
     """
+    from core.config import build_config, parse_overrides
     from rag.collection import IndexConfig
-    from core.config import build_config
 
     ws = workspace(home)
     values: dict[str, Any] = {}
@@ -89,8 +92,12 @@ def index_cmd(
         values["index_type"] = index_type
     if chunk_tokens:
         values["chunk_tokens"] = chunk_tokens
+    extra = parse_overrides(settings)
+    limits = extra if extra and ws.exists(collection) else None
+    if extra and limits is None:
+        values.update(extra)
     config = build_config(IndexConfig, values, source="options") if values else None
-    report = ws.index(collection, paths, sync=sync, include=include, exclude=exclude, config=config,
+    report = ws.index(collection, paths, sync=sync, include=include, exclude=exclude, config=config, limits=limits,
                       progress=not as_json and sys.stderr.isatty() or os.environ.get("RAGTUNE_PROGRESS") == "1")
     if as_json:
         emit(report.to_dict())

@@ -57,7 +57,7 @@ def test_serving_migrations_feedback_and_runs_on_memory():
 
     store = ChatStore(":memory:")
     tables = {r[0] for r in store.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert {"chats", "messages", "feedback", "tuning_runs", "collections"} <= tables
+    assert {"chats", "messages", "feedback", "tuning_runs"} <= tables  # its own namespace only (core.db)
     assert store.conn.execute("SELECT COUNT(*) FROM _migrations WHERE namespace = 'serving'").fetchone()[0] == len(MIGRATIONS)
     answer = SimpleNamespace(mode="rag", collection="c", collection_version=3, adapter=None, base_model="b", text="Seven years [1].",
                              retrieval_query="q", sources=[], cited=[1], timings={"total_s": 1.5}, refused=False)
