@@ -340,6 +340,8 @@ def serve_cmd(
     from serving.generation import LocalGenerator
     from serving.openai_server import ServerLimits, exposure_warning, make_server
 
+    if verbose:  # uvicorn's access log then prints one line per request
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = load_config(ServeConfig, config, overrides)
     server_limits = build_config(ServerLimits, parse_overrides(limits), source="--limit")
     if api_key is not None and not api_key.strip():
