@@ -322,7 +322,7 @@ def serve_cmd(
                                           help="require 'Authorization: Bearer KEY' on every /v1 request (prefer the "
                                                "environment variable: a command line is visible to other users)"),
     limits: List[str] = typer.Option([], "--limit", help="server limit key=value, e.g. --limit max_concurrent=4 "
-                                     "(keys: see serving/openai_server.py ServerLimits; repeatable)"),
+                                     "(keys: see serving/http_guard.py ServerLimits; repeatable)"),
     verbose: bool = typer.Option(False, "--verbose", help="log one line per request"),
     config: Optional[Path] = ServeConfigOption,
     overrides: List[str] = ServeSetOption,

@@ -370,11 +370,11 @@ def create_app(generator: Any, limits: Optional[ServerLimits] = None, api_key: O
         return JSONResponse(error_body("internal server error; the server log has the details", "server_error", None),
                             status_code=500)
 
-    async def models() -> dict[str, Any]:
-        return await run_in_threadpool(service.models)
+    async def models() -> JSONResponse:  # a response object: FastAPI skips its encoder pass
+        return JSONResponse(await run_in_threadpool(service.models))
 
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> JSONResponse:
+        return JSONResponse({"status": "ok"})
 
     async def chat_completions(request: Request) -> Any:
         req = _parse(await request.body(), ChatCompletionRequest)
