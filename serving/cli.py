@@ -342,7 +342,7 @@ def serve_cmd(
                                           help="require 'Authorization: Bearer KEY' on every /v1 request (prefer the "
                                                "environment variable: a command line is visible to other users)"),
     limits: List[str] = typer.Option([], "--limit", help="server limit key=value, e.g. --limit max_concurrent=4 "
-                                     "(keys: see serving/openai_server.py ServerLimits; repeatable)"),
+                                     "(keys: see serving/http_guard.py ServerLimits; repeatable)"),
     verbose: bool = typer.Option(False, "--verbose", help="log one line per request"),
     config: Optional[Path] = ServeConfigOption,
     overrides: List[str] = ServeSetOption,
@@ -361,6 +361,8 @@ def serve_cmd(
     from serving.generation import LocalGenerator
     from serving.openai_server import ServerLimits, exposure_warning, make_server
 
+    if verbose:  # uvicorn's access log then prints one line per request
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = load_config(ServeConfig, config, overrides)
     server_limits = build_config(ServerLimits, parse_overrides(limits), source="--limit")
     if api_key is not None and not api_key.strip():
