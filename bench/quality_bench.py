@@ -45,6 +45,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 QA = REPO / "corpora" / "corvida" / "qa"
 BASELINE = {"grounded": False, "cad_alpha": 0.0, "evidence_sentences": 0, "abstain_threshold": 0.0}
 MAX_NEW_TOKENS = 64  # as the A/B runner
+SAMPLES_FILE: Path | None = None
 
 
 def line(metric: str, value, unit: str, goal: str | None = None, baseline=None, ragtune=None, **extra) -> dict:
@@ -114,6 +115,9 @@ def answer_rows(assistant, rows: list[dict], mode: str, collection: str, adapter
                   "tokens_per_s": answer.timings.get("tokens_per_s"), "decoding": answer.decoding}
         out.append(result)
         samples.append(result)
+        if SAMPLES_FILE is not None:  # written as they come, so a long run that is stopped keeps its answers
+            with open(SAMPLES_FILE, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(result, ensure_ascii=False) + "\n")
         done = i + 1
         if done % 10 == 0 or done == len(rows):
             rate = (time.perf_counter() - started) / done
@@ -171,7 +175,7 @@ def main() -> None:
     parser.add_argument("--baseline-set", action="append", default=[], help="baseline arm option key=value, repeatable")
     parser.add_argument("--arms", default="baseline,ragtune", help="which arms to run")
     parser.add_argument("--modes", default="rag,rag+ft", help="modes to run (rag+ft needs --adapter)")
-    parser.add_argument("--samples", type=Path, default=None, help="write every answer here (JSONL)")
+    parser.add_argument("--samples", type=Path, default=None, help="write every answer here (JSONL, as they come)")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
 
@@ -179,6 +183,11 @@ def main() -> None:
     from serving.assistant import Assistant
     from serving.config import ServeConfig
 
+    global SAMPLES_FILE
+    if args.samples:
+        args.samples.parent.mkdir(parents=True, exist_ok=True)
+        args.samples.write_text("", encoding="utf-8")
+        SAMPLES_FILE = args.samples
     started = time.perf_counter()
     ragtune_cfg = load_config(ServeConfig, None, [*args.set, f"threads={args.threads}"])
     baseline_cfg = load_config(ServeConfig, None, [*(f"{k}={v}" for k, v in BASELINE.items()), *args.baseline_set,
@@ -260,9 +269,6 @@ def main() -> None:
             emit("covid_ragft_token_f1", "covid", "rag+ft", "token_f1", "", ">= 30")
         else:
             line("covid_ragft_token_f1", None, "", ">= 30", skipped=f"needs collection covidqa, {args.covid_questions} and --covid-adapter")
-    if args.samples:
-        args.samples.parent.mkdir(parents=True, exist_ok=True)
-        args.samples.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples), encoding="utf-8")
     print(json.dumps({"bench": "quality", "seconds": round(time.perf_counter() - started, 1)}), flush=True)
 
 

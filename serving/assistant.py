@@ -321,8 +321,10 @@ class Assistant:
             # the constraint sees each source exactly as the prompt holds it (cut to source_tokens, flattened:
             # a prefix of the flattened chunk, so the offset map of the whole chunk applies)
             maps = [flatten_with_offsets(s.text)[1] for s in answer.sources]
+            # the refusal sentence is a copyable pseudo-source only for adapters (trained to say it): for the
+            # base model it was a magnet ("The sources ..." -> "The sources do not say" on 9 of 24 dev rows)
             constraint = GroundedConstraint(self.generator.tokenizer, plan.source_texts, self.generator.eos_ids,
-                                            refusal=cfg.refusal_text, max_spans=cfg.grounded_spans)
+                                            refusal=cfg.refusal_text if use_adapter else "", max_spans=cfg.grounded_spans)
             params.constraint = constraint
             params.stop = tuple(params.stop) + ("\n",)  # a grounded answer is one paragraph (sources are flattened)
         if rag and cfg.cad_alpha > 0 and local:

@@ -9,12 +9,13 @@ A :class:`GroundedConstraint` is a logits processor for our own decode loop
   at, which is what a suffix automaton would hold, built in O(source tokens) per request);
 - when no span is open (at the start, or after a free token): any source token, which **starts** a
   span (and the same token without its leading space, so the answer can open with a source's word);
-- a small **free set** between spans: punctuation, a few connecting words, ``Yes``/``No``, newlines,
+- a small **free set** between spans: punctuation, a few connecting words, ``Yes``/``No``,
   and, when ``citations`` is on, markers ``[n]`` (a digit only after ``[``, only 1..number of sources);
   by default the assistant appends the exact markers itself after the answer;
 - a span, once started, runs at least ``min_span_tokens`` tokens (no stitching of single tokens);
 - at most ``max_spans`` spans (0 = any number); with ``max_spans=1`` the answer is one extract of one
-  source, starting at once (no preamble such as "The answer is:"), then only punctuation and EOS;
+  source: it starts at once (no preamble such as "The answer is:") and the model copies on or ends
+  the answer (EOS);
 - EOS.
 
 So every content span of the answer is a substring of one source, and the source of each span is
@@ -84,6 +85,7 @@ class GroundedConstraint:
                 if alt is not None and alt not in self.positions:
                     self.aliases[alt] = t
         self.free = self._free_ids(vocab)
+        self.punct = {vocab[p] for p in FREE_PUNCT if p in vocab}
         self.open_bracket = {vocab[p] for p in ("[", "Ġ[") if p in vocab} if citations else set()
         self.close_bracket = {vocab[p] for p in ("]",) if p in vocab}
         self.digits = {vocab[str(n)]: n for n in range(1, min(len(sources), 9) + 1) if str(n) in vocab}
@@ -107,8 +109,6 @@ class GroundedConstraint:
             for piece in (p, "Ġ" + p):
                 if piece in vocab:
                     free.add(vocab[piece])
-        if "Ġ" in vocab:
-            free.add(vocab["Ġ"])
         return free
 
     # --- the constraint ---------------------------------------------------------------------------
@@ -121,9 +121,11 @@ class GroundedConstraint:
             cont = {self.ids[s][i + 1] for s, i in self.state if i + 1 < len(self.ids[s])}
             if cont and len(self.span_tokens) < self.min_span_tokens:
                 return cont  # a span is at least min_span_tokens long: no stitching of single tokens
+            if self.max_spans and len(self.spans) + 1 >= self.max_spans:
+                return cont | set(self.eos_ids)  # the last extract: copy on, or end the answer
             return cont | set(self.eos_ids) | self.free | self.open_bracket
         if self.max_spans and len(self.spans) >= self.max_spans:
-            return set(self.eos_ids) | self.free | self.open_bracket
+            return set(self.eos_ids)  # the extracts are done
         if self.max_spans == 1 and not self.spans:
             return set(self.starts)  # an extract: it starts with a source word, no preamble
         return self.starts | set(self.eos_ids) | self.free | self.open_bracket
@@ -159,7 +161,8 @@ class GroundedConstraint:
         if token in self.open_bracket:
             self.after_bracket = True
             return
-        if token in self.free or token in self.eos_ids:
+        opening = self.max_spans == 1 and not self.spans  # an extract starts at once, even with a free word
+        if (token in self.free and not opening) or token in self.eos_ids:
             return
         source_token = self.aliases.get(token, token)
         if source_token in self.positions:

@@ -63,10 +63,12 @@ def test_grounded_spans_are_substrings_of_their_cited_sources(serving_home, serv
 
 def test_one_span_grounding_gives_an_extract_without_preamble(serving_home, serving_generator):
     assistant = make_assistant(serving_home, serving_generator, grounded=True, grounded_spans=1, max_new_tokens=24)
-    answer = assistant.answer(QUESTIONS[1], "rag", "corvida", log=False)
-    content = [s for s in answer.spans]
-    assert len(content) == 1 and answer.text.startswith(content[0]["text"])
-    assert answer.cited == [content[0]["n"]]
+    for question in QUESTIONS[:2]:
+        answer = assistant.answer(question, "rag", "corvida", log=False)
+        assert len(answer.spans) == 1 and answer.text.startswith(answer.spans[0]["text"])
+        # one extract, then the exact citation
+        assert answer.text == f"{answer.spans[0]['text']} [{answer.spans[0]['n']}]"
+        assert answer.cited == [answer.spans[0]["n"]]
 
 
 def test_generator_without_options_equals_transformers_greedy_generate(serving_generator):

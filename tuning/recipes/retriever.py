@@ -69,7 +69,7 @@ def train_retriever(home: str | Path, collection: str, questions: list[dict], na
     """Train, measure and save; returns the manifest."""
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-    from sentence_transformers.training_args import BatchSamplers
+    from sentence_transformers.sentence_transformer.training_args import BatchSamplers
 
     from core.names import child_path
     from rag.collection import Workspace
