@@ -20,7 +20,9 @@ def make_assistant(serving_home, serving_generator, **options):
     from rag.collection import Workspace
     from serving.assistant import Assistant
 
-    return Assistant(Workspace(serving_home), serving_generator, ServeConfig(**{"source_tokens": 96, **options}))
+    # abstention off unless a test sets it: these tests are about what is generated
+    return Assistant(Workspace(serving_home), serving_generator,
+                     ServeConfig(**{"source_tokens": 96, "abstain_threshold": 0.0, **options}))
 
 
 def flat(text: str) -> str:
@@ -130,8 +132,27 @@ def test_evidence_first_sources_are_exact_sentence_windows(serving_home, serving
     for source in answer.sources:
         assert col.document_text(source.doc)[source.start:source.end] == source.text
         assert serving_generator.count_tokens(source.text) <= 40 or "." not in source.text[:-1]
-    assert "E07" in answer.sources[0].text  # the sentence that answers is placed first
     assert "evidence_ms" in answer.timings
+
+
+def test_sentence_ranking_puts_the_answering_sentence_first(embedder):
+    """The real MiniLM + FTS5 BM25 over the sentences of retrieved chunks (Hit-shaped records)."""
+    from rag.search import Hit
+    from serving.evidence import evidence_sources, rank_sentences, split_sentences, support_score
+
+    texts = ["The HX-9 heat pump delivers 9 kW of heating. Its casing is painted Basalt Grey.\n"
+             "Error E07 means low water flow; check the strainer. The warranty lasts seven years.",
+             "Support is open Saturday 09:00-13:00. Technicians carry spare strainers."]
+    hits = [Hit(i + 1, f"doc{i}.md", t, 100 * i, 100 * i + len(t), 1.0, {}, 0.5) for i, t in enumerate(texts)]
+    assert [texts[0][a:b] for a, b in split_sentences(texts[0])][2] == "Error E07 means low water flow; check the strainer."
+    for question, expected in (("What does error E07 mean?", "Error E07"), ("When is support open?", "Support is open")):
+        ranked = rank_sentences(question, hits, embedder.embed_batch)
+        assert ranked[0].text.startswith(expected)
+        best = evidence_sources(hits, ranked, 1, 12, lambda t: len(t.split()))[0]
+        assert best.text.startswith(expected) and texts[best.chunk_id - 1][best.start - 100 * (best.chunk_id - 1):].startswith(best.text)
+    unrelated = support_score(rank_sentences("Who painted the Mona Lisa?", hits, embedder.embed_batch), hits)
+    related = support_score(rank_sentences("What does error E07 mean?", hits, embedder.embed_batch), hits)
+    assert related > unrelated
 
 
 def test_abstain_threshold_from_config_flags_the_answer_refused_with_reason(serving_home, serving_generator):
