@@ -6,6 +6,7 @@
     <home>/collections/<id>/       FAISS files of one collection (by id: names can be renamed)
     <home>/models/<name>/          base models converted once (the packaged SmolLM2)
     <home>/adapters/<name>/        trained adapters (peft files + ragtune.json)
+    <home>/retrievers/<name>/      fine-tuned sentence-transformers embedders (+ ragtune.json)
     <home>/runs/<name>/            training run logs and checkpoints
     <home>/app-runs/               logs of tuning runs started from the app
     <home>/reports/<name>/         A/B reports (Markdown, JSON, plots)
@@ -68,6 +69,10 @@ class Layout:
         return self.home / "adapters"
 
     @property
+    def retrievers(self) -> Path:
+        return self.home / "retrievers"
+
+    @property
     def runs(self) -> Path:
         return self.home / "runs"
 
@@ -99,6 +104,9 @@ class Layout:
 
     def adapter_dir(self, name: str) -> Path:
         return child_path(self.adapters, name, "adapter name")
+
+    def retriever_dir(self, name: str) -> Path:
+        return child_path(self.retrievers, name, "retriever name")
 
     def run_dir(self, name: str) -> Path:
         return child_path(self.runs, name, "run name")

@@ -22,7 +22,8 @@ from typing import Any, Iterator, Sequence
 from serving.config import MODES, ServeConfig, ServingError
 from serving.generation import GenerationParams, TokenStream
 from serving.modes import uses_adapter, uses_retrieval
-from serving.prompts import STOP_STRINGS, Turn, build_messages, cited_numbers, dont_know, retrieval_query
+from serving.prompts import (STOP_STRINGS, Turn, build_messages, cited_numbers, dont_know, flatten_with_offsets,
+                             retrieval_query)
 
 
 @dataclass
@@ -57,7 +58,12 @@ class Answer:
     sources: list[Source] = field(default_factory=list)  # every chunk in the prompt, numbered
     hits: list[Any] = field(default_factory=list)  # every retrieved Hit (also those cut by the budget)
     cited: list[int] = field(default_factory=list)  # source numbers the answer cites, in order
-    refused: bool = False  # True when the assistant said it does not know (retrieval below threshold)
+    refused: bool = False  # True when the assistant abstained: the sources do not hold the answer
+    refusal_reason: str = ""  # why it abstained (retrieval similarity, support score, or the model chose to)
+    abstain_score: float | None = None  # support score of the best evidence sentence (see serving.evidence)
+    spans: list[dict[str, Any]] = field(default_factory=list)  # grounded decoding: copied spans, each with its
+    #   source number n, doc and exact start/end in the document
+    decoding: dict[str, Any] = field(default_factory=dict)  # the decoding options this answer used
     timings: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     finish_reason: str | None = None
@@ -81,8 +87,10 @@ class AnswerStream:
     Retrieval has happened when this object exists, so ``sources`` can be shown before the first token."""
 
     def __init__(self, assistant: "Assistant", answer: Answer, tokens: TokenStream | None, started: float,
-                 chat_id: int | None, log: bool) -> None:
+                 chat_id: int | None, log: bool, constraint: Any = None, source_maps: Sequence[Any] = ()) -> None:
         self.answer = answer
+        self._constraint = constraint
+        self._source_maps = list(source_maps)
         self.sources = answer.sources
         self._assistant = assistant
         self._tokens = tokens
@@ -110,12 +118,23 @@ class AnswerStream:
                 parts.append(piece)
                 yield piece
             answer.text = "".join(parts).strip()
+            if self._constraint is not None:  # grounded: the exact citations of the copied spans, appended
+                self._grounded_result(answer)
+                marker = "".join(f"[{n}]" for n in answer.cited)
+                if marker and not answer.refused:
+                    yield " " + marker
+                    answer.text = f"{answer.text} {marker}"
             answer.finish_reason = self._tokens.finish_reason
             answer.timings["prompt_tokens"] = self._tokens.prompt_tokens
             answer.timings["completion_tokens"] = self._tokens.completion_tokens
             rate = self._tokens.decode_tokens_per_s
             answer.timings["tokens_per_s"] = round(rate, 2) if rate else None
-            answer.cited = cited_numbers(answer.text, len(answer.sources))
+            if self._constraint is None:
+                answer.cited = cited_numbers(answer.text, len(answer.sources))
+            if self._constraint is not None:
+                pass
+            elif answer.text.startswith(self._assistant.config.refusal_text.rstrip(".")):
+                answer.refused, answer.refusal_reason = True, "the model answered that the sources do not say"
             for s in answer.sources:
                 s.cited = s.n in answer.cited
         answer.timings["total_s"] = round(time.perf_counter() - self._started, 4)
@@ -124,6 +143,23 @@ class AnswerStream:
             chat_id = self._chat_id or store.new_chat(answer.question)
             _, answer.message_id = store.log_exchange(chat_id, answer.question, answer)
             answer.chat_id = chat_id
+
+    def _grounded_result(self, answer: Answer) -> None:
+        """Citations and spans from the grounded-decoding state: exact, not parsed from the text."""
+        c = self._constraint
+        answer.cited = c.cited()
+        by_n = {s.n: s for s in answer.sources}
+        for span in c.spans:
+            if span.source == 0 or span.source not in by_n or len(span.text) < 2:
+                continue
+            source = by_n[span.source]
+            where = self._source_maps[span.source - 1]
+            a, b = where[span.start], where[span.end - 1] + 1
+            answer.spans.append({"text": span.text, "n": span.source, "doc": source.doc,
+                                 "start": source.start + a, "end": source.start + b})
+        answer.timings["grounded_mass"] = round(c.mean_allowed_mass() or 0.0, 4)
+        if c.refused():
+            answer.refused, answer.refusal_reason = True, "the model copied the refusal sentence: the sources do not say"
 
     def result(self) -> Answer:
         """Consume what is left and return the complete answer."""
@@ -241,9 +277,28 @@ class Assistant:
             best = max(sims) if sims else None
             if not hits or (best is not None and best < cfg.min_similarity):
                 answer.refused = True
+                answer.refusal_reason = (f"retrieval: best match similarity {best:.2f} below min_similarity {cfg.min_similarity:.2f}"
+                                         if best is not None else "retrieval: nothing matched")
                 answer.text = dont_know(collection, best, cfg.min_similarity)
                 answer.sources = [self._source(n, h) for n, h in enumerate(hits, start=1)]
                 return AnswerStream(self, answer, None, started, chat_id, log)
+            if cfg.evidence_sentences or cfg.abstain_threshold > 0:
+                from serving.evidence import evidence_sources, rank_sentences, support_score
+
+                t0 = time.perf_counter()
+                ranked = rank_sentences(question, hits, col.embedder.embed_batch)
+                answer.abstain_score = support_score(ranked, hits)
+                if cfg.evidence_sentences:
+                    hits = evidence_sources(hits, ranked, cfg.evidence_sentences, cfg.evidence_window_tokens,
+                                            self.generator.count_tokens)
+                answer.timings["evidence_ms"] = round((time.perf_counter() - t0) * 1000, 2)
+                if cfg.abstain_threshold > 0 and (answer.abstain_score or 0.0) < cfg.abstain_threshold:
+                    answer.refused = True
+                    answer.refusal_reason = (f"support score {answer.abstain_score or 0.0:.2f} below abstain_threshold "
+                                             f"{cfg.abstain_threshold:.2f}: no retrieved sentence supports an answer")
+                    answer.text = cfg.refusal_text
+                    answer.sources = [self._source(n, h) for n, h in enumerate(hits, start=1)]
+                    return AnswerStream(self, answer, None, started, chat_id, log)
         params = GenerationParams.from_config(cfg, max_new_tokens=max_new_tokens, temperature=temperature)
         params.stop = STOP_STRINGS  # small models go on to invent the next "Question:" of the prompt layout
         window = getattr(self.generator, "context_window", cfg.context_tokens)
@@ -256,8 +311,33 @@ class Assistant:
             raise ServingError(str(exc)) from None
         answer.notes = plan.notes
         answer.sources = [self._source(n, h) for n, h in enumerate(hits[:plan.sources_used], start=1)]
+        rag = uses_retrieval(mode)
+        constraint, maps = None, []
+        local = hasattr(self.generator, "tokenizer")
+        if rag and (cfg.grounded or cfg.cad_alpha > 0) and not local:
+            answer.notes.append("grounded and context-aware decoding need the local backend; decoded plainly")
+        if rag and cfg.grounded and local:
+            from serving.grounding import GroundedConstraint
+
+            # the constraint sees each source exactly as the prompt holds it (cut to source_tokens, flattened:
+            # a prefix of the flattened chunk, so the offset map of the whole chunk applies)
+            maps = [flatten_with_offsets(s.text)[1] for s in answer.sources]
+            # the refusal sentence is a copyable pseudo-source only for adapters (trained to say it): for the
+            # base model it was a magnet ("The sources ..." -> "The sources do not say" on 9 of 24 dev rows)
+            constraint = GroundedConstraint(self.generator.tokenizer, plan.source_texts, self.generator.eos_ids,
+                                            refusal=cfg.refusal_text if use_adapter else "", max_spans=cfg.grounded_spans)
+            params.constraint = constraint
+            params.stop = tuple(params.stop) + ("\n",)  # a grounded answer is one paragraph (sources are flattened)
+        if rag and cfg.cad_alpha > 0 and local:
+            plain = build_messages(question, sources=(), history=turns, rag=True, count=self.generator.count_tokens,
+                                   truncate=self.generator.truncate_tokens, budget=budget, source_tokens=cfg.source_tokens,
+                                   history_turns=cfg.history_turns)
+            params.contrast_ids, params.cad_alpha = self.generator.render(plain.messages), cfg.cad_alpha
+        answer.decoding = {"grounded": bool(constraint), "grounded_spans": cfg.grounded_spans if constraint else 0, "cad_alpha": params.cad_alpha if params.contrast_ids else 0.0,
+                           "evidence_sentences": cfg.evidence_sentences if rag else 0, "k": k or cfg.k if rag else 0,
+                           "source_tokens": cfg.source_tokens, "abstain_threshold": cfg.abstain_threshold if rag else 0.0}
         tokens = self.generator.stream(plan.messages, adapter=use_adapter, params=params)
-        return AnswerStream(self, answer, tokens, started, chat_id, log)
+        return AnswerStream(self, answer, tokens, started, chat_id, log, constraint, maps)
 
     def answer(self, question: str, mode: str = "rag", collection: str | None = None, adapter: str | None = None,
                history: Sequence[Any] | None = None, **kwargs: Any) -> Answer:

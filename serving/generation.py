@@ -54,6 +54,11 @@ class GenerationParams:
     repetition_penalty: float = 1.0  # applied to generated tokens only
     stop: tuple[str, ...] = ()
     seed: int = 0
+    # per request, not from config: a serving.grounding.GroundedConstraint (grounded decoding), and the
+    # question-only prompt ids + weight of context-aware decoding (Shi et al. 2023; None = off)
+    constraint: Any = None
+    contrast_ids: list[int] | None = None
+    cad_alpha: float = 0.0
 
     @classmethod
     def from_config(cls, config: Any, **overrides: Any) -> "GenerationParams":
@@ -417,6 +422,14 @@ class LocalGenerator:
         rng = torch.Generator().manual_seed(params.seed) if sampling else None
         cache = DynamicCache(config=self.model.config)
         prompt = torch.tensor([ids], dtype=torch.long, device=self.device)
+        constraint = params.constraint
+        # Context-aware decoding runs the question-only prompt as a second sequence with its own cache.
+        # Not one padded batch of two rows: the int8 layers quantize activations with one scale per
+        # tensor, so batching would change the with-sources row's numbers, and a=0 would no longer
+        # equal plain decoding token for token.
+        contrast = params.contrast_ids is not None
+        contrast_cache = DynamicCache(config=self.model.config) if contrast else None
+        contrast_logits = None
         generated: list[int] = []
         stops = StopStringBuffer(tuple(params.stop))
         stream.finish_reason = "length"
@@ -427,15 +440,30 @@ class LocalGenerator:
                     self._activate(key)
                     logits = self.model(input_ids=prompt[:, start:start + PREFILL_SLICE], **{self._cache_kw: cache},
                                         use_cache=True, logits_to_keep=1).logits[:, -1, :]
+            if contrast:
+                plain = torch.tensor([params.contrast_ids], dtype=torch.long, device=self.device)
+                for start in range(0, plain.shape[1], PREFILL_SLICE):
+                    with self._lock:
+                        self._activate(key)
+                        contrast_logits = self.model(input_ids=plain[:, start:start + PREFILL_SLICE],
+                                                     **{self._cache_kw: contrast_cache}, use_cache=True,
+                                                     logits_to_keep=1).logits[:, -1, :]
             while True:
                 scores = logits.float()
+                if contrast:
+                    a = params.cad_alpha
+                    scores = (1.0 + a) * scores - a * contrast_logits.float()
                 if penalty is not None and generated:
                     scores = penalty(torch.tensor([generated], device=scores.device), scores)
                 scores = processors(prompt, scores)
+                if constraint is not None:
+                    scores = constraint(scores)
                 if sampling:
                     token = int(torch.multinomial(torch.softmax(scores, dim=-1).cpu(), 1, generator=rng)[0, 0])
                 else:
                     token = int(scores.argmax(dim=-1)[0])
+                if constraint is not None:
+                    constraint.advance(token)
                 if token in self.eos_ids:
                     stream.finish_reason = "stop"
                     break
@@ -454,6 +482,11 @@ class LocalGenerator:
                     self._activate(key)
                     logits = self.model(input_ids=torch.tensor([[token]], device=self.device), **{self._cache_kw: cache},
                                         use_cache=True).logits[:, -1, :]
+                    if contrast:
+                        contrast_logits = self.model(input_ids=torch.tensor([[token]], device=self.device),
+                                                     **{self._cache_kw: contrast_cache}, use_cache=True).logits[:, -1, :]
+        if constraint is not None:
+            constraint.finish()
         if not stops.stopped:
             tail = stops.flush(self.tokenizer.decode(generated, skip_special_tokens=True))
             if tail:

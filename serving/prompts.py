@@ -19,7 +19,10 @@ from typing import Any, Callable, Sequence
 
 from tuning.raft import SYSTEM_PLAIN, SYSTEM_RAG, format_source  # the layout RAFT adapters are trained on
 
-STOP_STRINGS = ("\nQuestion:", "\nSources:", "<|im_start|>", "<|im_end|>")
+# Small models go on to invent the next turn of a Q/A layout: "Question:" (ours), "Q:"/"A:" and
+# "Answer:" (the layouts of their pre-training data), which left a stray "A:" at the end of answers.
+STOP_STRINGS = ("\nQuestion:", "\nSources:", "<|im_start|>", "<|im_end|>", "\nQ:", "\nA:", "\nAnswer:",
+                "\n\nQuestion", "\n\nAnswer")
 MESSAGE_OVERHEAD_TOKENS = 6  # role markers and separators the chat template adds per message
 
 # Words that make a question lean on the previous turn ("and how long does that take?").
@@ -47,6 +50,7 @@ class PromptPlan:
     turns_used: int
     prompt_tokens: int
     notes: list[str] = field(default_factory=list)  # what was cut, for the UI and the log
+    source_texts: list[str] = field(default_factory=list)  # each source's text exactly as in the prompt (flattened)
 
 
 def is_follow_up(question: str) -> bool:
@@ -84,6 +88,7 @@ def build_messages(question: str, *, sources: Sequence[Any] = (), history: Seque
         raise ValueError(f"the question alone needs about {used} tokens, over the {budget}-token prompt budget; shorten it")
     notes: list[str] = []
     blocks: list[str] = []
+    texts: list[str] = []
     if rag:
         for n, hit in enumerate(sources, start=1):
             text = truncate(hit.text, source_tokens)
@@ -95,6 +100,7 @@ def build_messages(question: str, *, sources: Sequence[Any] = (), history: Seque
             if text != hit.text:
                 notes.append(f"source {n} cut to {source_tokens} tokens")
             blocks.append(block)
+            texts.append(" ".join(text.split()))
             used += cost
     turns: list[dict[str, str]] = []
     kept = 0
@@ -111,7 +117,7 @@ def build_messages(question: str, *, sources: Sequence[Any] = (), history: Seque
             notes.append(f"{len(history) - history_turns} older turn(s) left out (history_turns={history_turns})")
     user = ("Sources:\n" + "\n\n".join(blocks) + f"\n\nQuestion: {question}") if rag else question
     messages = [{"role": "system", "content": system}, *turns, {"role": "user", "content": user}]
-    return PromptPlan(messages, len(blocks), kept, used, notes)
+    return PromptPlan(messages, len(blocks), kept, used, notes, texts)
 
 
 def cited_numbers(answer: str, n_sources: int) -> list[int]:
@@ -130,3 +136,17 @@ def dont_know(collection: str, best: float | None, threshold: float) -> str:
         return f"I don't know: nothing in the collection '{collection}' matches this question."
     return (f"I don't know: nothing in the collection '{collection}' is close enough to this question "
             f"(best match similarity {best:.2f}, below {threshold:.2f}).")
+
+
+def flatten_with_offsets(text: str) -> tuple[str, list[int]]:
+    """``" ".join(text.split())`` (how sources appear in the prompt) and, for each of its characters,
+    the offset of that character in ``text`` (a joining space maps to the whitespace it replaced)."""
+    out: list[str] = []
+    where: list[int] = []
+    for m in re.finditer(r"\S+", text):
+        if out:
+            out.append(" ")
+            where.append(m.start() - 1)
+        out.append(m.group())
+        where.extend(range(m.start(), m.end()))
+    return "".join(out), where

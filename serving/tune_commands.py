@@ -1,4 +1,4 @@
-"""Tuning commands for the ``ragtune`` CLI: tune, adapters (list / rm / merge), data raft, classify.
+"""Tuning commands for the ``ragtune`` CLI: tune, adapters (list / rm / merge), data raft, classify, tune-retriever.
 
 ``register(app)`` adds them to the lead's typer app in ``serving/cli.py``. Heavy imports happen inside
 the commands so ``ragtune --help`` stays fast. User-fixable problems raise ``tuning.errors.TuningError``
@@ -131,6 +131,8 @@ def data_raft(
     distractors: int = typer.Option(3, "--distractors", help="distractor chunks per row (top hits that are not the oracle)"),
     test_share: float = typer.Option(0.0, "--test-share", help="share of source documents held out as the test split"),
     seed: int = typer.Option(42, "--seed", help="seed for shuffling and splits"),
+    abstain_share: float = typer.Option(0.0, "--abstain-share", help="share of the no-oracle rows whose target is the refusal sentence (unanswerable questions too); 0 = off"),
+    refusal: str = typer.Option("The sources do not say.", "--refusal", help="the collection's 'not in the sources' sentence (serving's refusal_text)"),
     exclude_docs_from: List[Path] = typer.Option([], "--exclude-docs-from", help="question file whose documents are never used as distractors (e.g. a held-out unseen set); repeatable"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
     home: Optional[str] = _HOME,
@@ -142,12 +144,13 @@ def data_raft(
     from tuning.raft import write_raft
 
     report = write_raft(home, collection, questions, out, distractors, no_oracle_share, test_share, seed,
-                        exclude_docs_from=exclude_docs_from)
+                        exclude_docs_from=exclude_docs_from, abstain_share=abstain_share, refusal=refusal)
     if as_json:
         _emit(report.to_dict())
         return
     typer.echo(f"{report.written} rows -> {report.out}" + (f", {report.test_written} test rows -> {report.test_out}" if report.test_out else ""))
-    typer.echo(f"with oracle {report.with_oracle}, without oracle {report.without_oracle}, unanswerable {report.unanswerable}, "
+    typer.echo(f"with oracle {report.with_oracle}, without oracle {report.without_oracle}, abstain {report.abstain}, "
+               f"unanswerable {report.unanswerable}, "
                f"rejected (quote not in oracle) {report.rejected_quote}, unknown documents {report.skipped_unknown_doc}")
 
 
@@ -171,8 +174,43 @@ def classify_cmd(
         typer.echo(f"{r['label']}\t{r['scores'][r['label']]:.2f}\t{t}")
 
 
+def tune_retriever_cmd(
+    collection: str = typer.Option(..., "--collection", "-c", help="collection whose embedder is tuned (its documents hold the answers)"),
+    questions: Path = typer.Option(..., "--questions", help="JSONL with question, doc, span (corpora/corvida/qa format)"),
+    name: str = typer.Option(..., "--name", help="saved as <home>/retrievers/NAME (a sentence-transformers folder + ragtune.json)"),
+    epochs: float = typer.Option(1.0, "--epochs", help="passes over the (question, chunk) pairs"),
+    batch_size: int = typer.Option(16, "--batch-size", help="pairs per batch: the other rows' chunks are each row's negatives"),
+    learning_rate: float = typer.Option(2e-5, "--learning-rate", help="AdamW learning rate"),
+    max_steps: int = typer.Option(-1, "--max-steps", help="stop after N steps (-1: use --epochs)"),
+    as_json: bool = typer.Option(False, "--json", help="print the manifest as JSON"),
+    home: Optional[str] = _HOME,
+) -> None:
+    """Fine-tune the collection's embedder on its training questions (MultipleNegativesRankingLoss).
+
+    Example: ragtune tune-retriever -c corvida --questions corpora/corvida/qa/train.jsonl --name corvida-minilm
+    then use it: ragtune reindex corvida --model <home>/retrievers/corvida-minilm
+    """
+    from core.workspace import ragtune_home
+    from tuning.recipes.retriever import train_retriever
+
+    if not questions.exists():
+        raise typer.BadParameter(f"{questions}: file not found (questions JSONL with question, doc, span)")
+    rows = []
+    for n, line in enumerate(questions.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise typer.BadParameter(f"{questions}, row {n}: not valid JSON ({exc.msg})") from None
+    manifest = train_retriever(ragtune_home(home), collection, rows, name, epochs, batch_size, learning_rate, max_steps,
+                               echo=(lambda *_: None) if as_json else typer.echo)
+    if as_json:
+        _emit(manifest)
+
+
 def register(app: typer.Typer) -> None:
     app.command("tune", context_settings={"allow_extra_args": False})(tune_cmd)
     app.add_typer(adapters_app, name="adapters")
     app.add_typer(data_app, name="data")
     app.command("classify")(classify_cmd)
+    app.command("tune-retriever")(tune_retriever_cmd)

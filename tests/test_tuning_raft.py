@@ -120,3 +120,41 @@ def test_excluded_documents_are_never_distractors(raft_setup):
     others = [q for q in answerable if q["doc"] not in banned]
     train, _, _ = build_raft(col, others, distractors=3, no_oracle_share=0.0, seed=2, exclude_docs=banned)
     assert train and all(s["doc"] not in banned for row in train for s in row["sources"])
+
+
+def test_abstention_rows_target_the_refusal_and_their_labels_cover_it(raft_setup, smol_tokenizer, tune_home, tmp_path):
+    """Issue 11: rows without their oracle (a stated share) and unanswerable questions teach the refusal
+    sentence; the label mask trains exactly that sentence (+ EOS), and such rows train."""
+    from tuning.data import load_records, tokenize_example
+    from tuning.run import tune
+
+    col, questions, _ = raft_setup
+    refusal = "The sources do not say."
+    train, _, report = build_raft(col, questions, distractors=2, no_oracle_share=0.5, seed=4, abstain_share=0.5,
+                                  refusal=refusal)
+    answerable = len(questions) - 1
+    no_oracle = round(answerable * 0.5)
+    assert report.abstain == round(no_oracle * 0.5) + 1  # the share of no-oracle rows, and the unanswerable one
+    assert report.without_oracle == no_oracle - round(no_oracle * 0.5)
+    abstain_rows = [r for r in train if r["row_type"] == "abstain"]
+    assert len(abstain_rows) == report.abstain and all(r["answer"] == refusal for r in abstain_rows)
+    for row in abstain_rows:  # the sources shown never hold the answer of an abstention row
+        q = next(q for q in questions if q["id"] == row["id"])
+        if q["doc"]:
+            assert all(s["doc"] != q["doc"] or q["answer"] not in row["context"] for s in row["sources"])
+    assert {r["row_type"] for r in train} == {"oracle", "no_oracle", "abstain"}
+
+    path = write_jsonl(tmp_path / "abstain.jsonl", abstain_rows)
+    messages = load_records(path, "raft")[0].messages
+    example = tokenize_example(smol_tokenizer, messages, 1024, "drop")
+    trained = [t for t, label in zip(example["input_ids"], example["labels"]) if label != -100]
+    assert smol_tokenizer.decode(trained).strip().startswith(refusal)  # the target, and nothing of the prompt
+    assert smol_tokenizer.decode(trained).replace(refusal, "").strip() in ("<|im_end|>", "<|im_end|>\n")
+    tune(None, [f"data={path}", "name=abstain", "max_steps=2", "batch_size=2", "max_seq_len=1024", "logging_steps=1",
+                "val_share=0", "forgetting_probe=false", "progress=false", "threads=1"], home=tune_home, echo=lambda *_: None)
+    assert (tune_home / "adapters" / "abstain" / "adapter_model.safetensors").exists()
+    events = [json.loads(line) for line in (tune_home / "runs" / "abstain" / "log.jsonl").read_text().splitlines()]
+    losses = [e["loss"] for e in events if e["event"] == "train" and "loss" in e]
+    assert losses and all(0 < x < 20 for x in losses)
+    with pytest.raises(RaftError, match="abstain-share"):
+        build_raft(col, questions, abstain_share=2.0)

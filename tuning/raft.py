@@ -13,6 +13,10 @@ For each question with its source document (``doc`` and the supporting ``span`` 
 - a share of the rows (``no_oracle_share``, default 20%) gets distractors only: as in the RAFT paper the
   target is then the plain answer, which teaches the model to answer from memory when retrieval misses;
   questions with no source (``doc: null``, "unanswerable") also get distractors only and keep their answer;
+- **abstention rows** (``abstain_share`` of the no-oracle rows, default 0 = off): the target is the
+  collection's "not in the sources" sentence (``refusal``) instead of the answer, and every
+  unanswerable question gets that target too. Without them, rows without their oracle teach a small
+  model to answer from memory even when the sources do not hold the answer (issue 11);
 - train and test are split by source document (``test_share``), so no test document is seen in training.
 
 Output rows are ``{"question", "context", "answer", ...}``: the ``qa`` record shape ``ragtune tune`` reads.
@@ -36,6 +40,7 @@ class RaftReport:
     test_written: int = 0
     with_oracle: int = 0
     without_oracle: int = 0
+    abstain: int = 0
     unanswerable: int = 0
     rejected_quote: int = 0
     skipped_unknown_doc: int = 0
@@ -71,6 +76,9 @@ SYSTEM_RAG = ("You are a helpful assistant. Answer the question using only the n
               "Cite the sources you use like [1]. If the sources do not contain the answer, say you do not know.")
 
 
+REFUSAL = "The sources do not say."  # the default "not in the sources" sentence (serving's refusal_text)
+
+
 def format_source(n: int, doc: str, text: str, section: str | None = None) -> str:
     where = f"{doc} - {section}" if section else doc
     return f"[{n}] ({where})\n{' '.join(text.split())}"
@@ -83,7 +91,8 @@ def format_context(sources: list[dict]) -> str:
 
 def build_raft(col, questions: list[dict], distractors: int = 3, no_oracle_share: float = 0.2,
                test_share: float = 0.0, seed: int = 42, search_mode: str = "hybrid",
-               exclude_docs: set[str] | frozenset[str] = frozenset()) -> tuple[list[dict], list[dict], RaftReport]:
+               exclude_docs: set[str] | frozenset[str] = frozenset(), abstain_share: float = 0.0,
+               refusal: str = REFUSAL) -> tuple[list[dict], list[dict], RaftReport]:
     """(train rows, test rows, report) for ``questions`` over collection ``col``.
 
     ``exclude_docs``: documents never used as distractors (e.g. those of a held-out "unseen" set, so
@@ -93,6 +102,10 @@ def build_raft(col, questions: list[dict], distractors: int = 3, no_oracle_share
         raise RaftError("--no-oracle-share must be between 0 and 1 (example: --no-oracle-share 0.2)")
     if not 0.0 <= test_share < 1.0:
         raise RaftError("--test-share must be in [0, 1) (example: --test-share 0.2)")
+    if not 0.0 <= abstain_share <= 1.0:
+        raise RaftError("--abstain-share must be between 0 and 1 (example: --abstain-share 0.5)")
+    if abstain_share > 0 and not refusal.strip():
+        raise RaftError("--refusal must not be empty (example: --refusal 'The sources do not say.')")
     if distractors < 0:
         raise RaftError("--distractors must be >= 0 (example: --distractors 3)")
     rng = random.Random(seed)
@@ -109,6 +122,7 @@ def build_raft(col, questions: list[dict], distractors: int = 3, no_oracle_share
     # exactly round(share * n) answerable rows go without their oracle
     answerable = [i for i, q in enumerate(questions) if q.get("doc")]
     no_oracle = set(rng.sample(answerable, int(round(len(answerable) * no_oracle_share))))
+    abstain = set(rng.sample(sorted(no_oracle), int(round(len(no_oracle) * abstain_share))))
 
     train, test = [], []
     for i, q in enumerate(questions):
@@ -158,6 +172,11 @@ def build_raft(col, questions: list[dict], distractors: int = 3, no_oracle_share
                 report.rejected_quote += 1
                 continue
             report.with_oracle += 1
+        elif abstain_share > 0 and (i in abstain or not oracles):
+            target = refusal.strip()  # the sources shown do not hold the answer: say so
+            report.abstain += 1
+            if not oracles:
+                report.unanswerable += 1
         else:
             target = answer
             if oracles:
@@ -167,6 +186,7 @@ def build_raft(col, questions: list[dict], distractors: int = 3, no_oracle_share
         row = {"id": q.get("id", f"q{i + 1}"), "system": SYSTEM_RAG, "question": question,
                "context": format_context(sources), "answer": target,
                "doc": q.get("doc"), "oracle": use_oracle,
+               "row_type": "oracle" if use_oracle else ("abstain" if target == refusal.strip() and abstain_share > 0 else "no_oracle"),
                "sources": [{"doc": s["doc"], "chunk_id": s["chunk_id"]} for s in sources]}
         doc_key = q.get("doc")
         is_test = doc_key in test_docs if doc_key else (test_share > 0 and rng.random() < test_share)
@@ -180,7 +200,7 @@ def build_raft(col, questions: list[dict], distractors: int = 3, no_oracle_share
 
 def write_raft(home, collection: str, questions_file: str | Path, out: str | Path, distractors: int = 3,
                no_oracle_share: float = 0.2, test_share: float = 0.0, seed: int = 42,
-               exclude_docs_from: list[str | Path] = ()) -> RaftReport:
+               exclude_docs_from: list[str | Path] = (), abstain_share: float = 0.0, refusal: str = "") -> RaftReport:
     """Read questions (JSONL), build rows from ``collection``, write ``out`` (+ ``<out>.test.jsonl``)."""
     from rag.collection import Workspace
 
@@ -205,7 +225,8 @@ def write_raft(home, collection: str, questions_file: str | Path, out: str | Pat
                 if doc:
                     exclude.add(doc)
     col = Workspace(home).get(collection)
-    train, test, report = build_raft(col, questions, distractors, no_oracle_share, test_share, seed, exclude_docs=exclude)
+    train, test, report = build_raft(col, questions, distractors, no_oracle_share, test_share, seed, exclude_docs=exclude,
+                                     abstain_share=abstain_share, refusal=refusal or REFUSAL)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(out, train)

@@ -112,6 +112,8 @@ def score(row: dict[str, Any], payload: dict[str, Any], arm: str) -> dict[str, A
             scores[f"hit_at_{k}"] = metrics.retrieval_hit(deep, row, k)
         cited = [s for s in payload.get("sources", []) if s["n"] in payload.get("cited", [])]
         scores["citation_correct"] = metrics.citation_correct(cited, row) if row.get("kind") != "unanswerable" else float(not cited)
+    # issue 11: an abstention (refused, or the model said the sources do not say) is counted per arm
+    scores["abstained"] = float(bool(payload.get("refused")) or metrics.says_unknown(payload["text"]))
     scores["latency_s"] = payload.get("timings", {}).get("total_s", 0.0)
     return scores
 
@@ -143,6 +145,7 @@ def run_ab(assistant: Any, config: ABConfig, progress: Callable[[int, int, str],
                                           adapter=config.adapter if uses_ft else None, k=config.k, log=False,
                                           max_new_tokens=config.max_new_tokens)
                 payload = {"text": answer.text, "cited": answer.cited, "refused": answer.refused,
+                           "refusal_reason": answer.refusal_reason, "decoding": answer.decoding,
                            "sources": [{"n": s.n, "doc": s.doc, "chunk_id": s.chunk_id, "text": s.text} for s in answer.sources],
                            "timings": answer.timings}
                 if uses_rag:
