@@ -5,18 +5,22 @@ import time
 
 import streamlit as st
 
-from pages.engine_view import assistant as loaded_assistant
 from rag.config import ConfigError
 from serving import webapp
 from serving.ab.runner import ARMS
 from serving.config import ServingError
 
 home = str(webapp.app_home())
+if webapp.password_required(home) and not st.session_state.get("authenticated"):
+    st.stop()  # the entry script asks for the password; this guards a page run on its own
 state = st.session_state
 ERRORS = (ValueError, ServingError, ConfigError)
 
 st.title("A/B testing")
-assistant = loaded_assistant()
+assistant = webapp.engine(home).wait()  # streamlit_app.py shows the loading progress first
+if assistant is None:
+    st.error(f"The model could not be loaded: {webapp.engine(home).error}")
+    st.stop()
 collections = webapp.collections(home)
 adapters = webapp.usable_adapters(assistant)
 question_files = webapp.question_files()

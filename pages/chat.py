@@ -4,17 +4,21 @@ Questions and answers are shown as text (escaped Markdown): an image or link in 
 
 import streamlit as st
 
-from pages.engine_view import assistant as loaded_assistant
 from serving import webapp
 from serving.config import MODES, ServingError
 
 home = str(webapp.app_home())
+if webapp.password_required(home) and not st.session_state.get("authenticated"):
+    st.stop()  # the entry script asks for the password; this guards a page run on its own
 state = st.session_state
 state.setdefault("messages", [])  # this user's conversation: dicts with role, content, answer (or error)
 state.setdefault("chat_id", None)
 
 st.title("Chat")
-assistant = loaded_assistant()
+assistant = webapp.engine(home).wait()  # streamlit_app.py shows the loading progress first
+if assistant is None:
+    st.error(f"The model could not be loaded: {webapp.engine(home).error}")
+    st.stop()
 collections = webapp.collections(home)
 usable = webapp.usable_adapters(assistant)
 

@@ -11,6 +11,8 @@ from rag.documents import SUPPORTED_SUFFIXES
 from serving import webapp
 
 home = str(webapp.app_home())
+if webapp.password_required(home) and not st.session_state.get("authenticated"):
+    st.stop()  # the entry script asks for the password; this guards a page run on its own
 state = st.session_state
 ERRORS = (CollectionError, ConfigError, ValueError)  # core.names.InvalidName is a ValueError
 
@@ -56,10 +58,10 @@ with folder_tab:
     with st.form("folder"):
         folder_target = st.text_input("Collection (new or existing)", key="folder_collection")
         path = st.text_input("Folder on this server", placeholder=str(webapp.DEMO_CORPUS / "corvida" / "docs"),
-                             help=f"Allowed: folders under {roots} (set index_roots in app.yaml to change)")
+                             key="folder_path", help="Only folders under the allowed roots (index_roots in app.yaml)")
         sync = st.checkbox("Delete documents whose files are gone (sync)")
         submitted_folder = st.form_submit_button("Index folder")
-    st.caption(f"Folders the app may index: {roots}")
+    st.caption(f"Folders the app may index: {roots} (index_roots in $RAGTUNE_HOME/app.yaml)")
     if submitted_folder:
         try:
             show_report(folder_target, webapp.index_folder(home, folder_target.strip(), path, sync=sync,

@@ -8,6 +8,8 @@ from serving import tune_jobs, webapp
 from tuning.errors import TuningError
 
 home = str(webapp.app_home())
+if webapp.password_required(home) and not st.session_state.get("authenticated"):
+    st.stop()  # the entry script asks for the password; this guards a page run on its own
 store = webapp.chat_store(home)
 jobs = tune_jobs.job_registry()
 state = st.session_state
@@ -19,7 +21,8 @@ with st.form("tune"):
                "The demo settings take about 6 s a step on 2 CPU cores: ~6 minutes for 60 steps.")
     name = st.text_input("Adapter name", value=webapp.DEMO_ADAPTER)
     data = st.text_input("Training data (JSONL/JSON/CSV/Parquet; comma-separate several)", value=webapp.DEMO_TUNE["data"][0],
-                         help="Files under: " + ", ".join(str(r) for r in webapp.data_roots(home)))
+                         key="tune_data", help="Only files under the allowed roots (data_roots in app.yaml)")
+    st.caption("Training data may come from: " + ", ".join(str(r) for r in webapp.data_roots(home)))
     c1, c2, c3 = st.columns(3)
     max_steps = c1.number_input("max_steps", min_value=1, value=webapp.DEMO_TUNE["max_steps"])
     learning_rate = c2.number_input("learning_rate", value=2e-4, format="%.1e")
