@@ -254,7 +254,7 @@ def uses_adapter(mode: str) -> bool:
 # ------------------------------------------------------------------------------- shared resources
 
 _RESOURCES: dict[tuple[str, str], Any] = {}
-_RESOURCES_LOCK = threading.Lock()
+_RESOURCES_LOCK = threading.RLock()  # a build may ask for another resource
 
 
 def _shared(kind: str, home: str, build: Callable[[], Any]) -> Any:

@@ -150,11 +150,10 @@ def test_tuning_page_lists_adapters_and_refuses_data_outside_roots(app_env):
     assert not at.exception
     labels = [e.label for e in at.expander]
     assert any(label.startswith("alpha") for label in labels) and any(label.startswith("foreign") for label in labels)
-    data = [t for t in at.text_input if t.label.startswith("Training data")][0]
-    data.set_value("/etc/passwd")
+    at.text_input(key="tune_data").set_value("/etc/passwd")
     [b for b in at.button if b.label == "Start training"][0].click().run()
     assert not at.exception and at.error and "outside the allowed folders" in at.error[0].value
-    data.set_value(str(app_env / "data" / "missing.jsonl"))
+    at.text_input(key="tune_data").set_value(str(app_env / "data" / "missing.jsonl"))
     [b for b in at.button if b.label == "Start training"][0].click().run()
     assert not at.exception and at.error and "not found" in at.error[0].value
 
