@@ -156,6 +156,19 @@ def test_tuning_page_lists_adapters_and_refuses_data_outside_roots(app_env):
     at.text_input(key="tune_data").set_value(str(app_env / "data" / "missing.jsonl"))
     [b for b in at.button if b.label == "Start training"][0].click().run()
     assert not at.exception and at.error and "not found" in at.error[0].value
+    # a valid start: the run panel follows the new run (its Stop button shows), and Stop ends it
+    from serving.history import ChatStore
+
+    at.text_input(key="tune_data").set_value(str(REPO / "corpora/corvida/qa/train.jsonl"))
+    [b for b in at.button if b.label == "Start training"][0].click().run()
+    assert not at.exception and at.success and "started run" in at.success[0].value, [e.value for e in at.error]
+    newest = ChatStore(app_env / "ragtune.db").runs(1)[0]
+    assert at.selectbox(key="run_pick").value == newest["id"]
+    stop = [b for b in at.button if b.label == "Stop run"]
+    assert stop
+    stop[0].click().run()
+    assert ChatStore(app_env / "ragtune.db").run(newest["id"])["status"] == "stopped"
+    assert Path(newest["config_path"]).parent.parent == app_env / "runs" / "corvida-demo"
 
 
 def _wait(store, run_id: int, jobs, timeout: float = 400) -> dict:
