@@ -46,11 +46,13 @@ bench: install
 	$(BIN)/python bench/index_bench.py
 	$(BIN)/python bench/tune_bench.py
 	$(BIN)/python bench/serve_bench.py
+	$(BIN)/python bench/ui_bench.py
 
 bench-quick: install
 	$(BIN)/python bench/index_bench.py --quick
 	$(BIN)/python bench/tune_bench.py --quick
 	$(BIN)/python bench/serve_bench.py --quick
+	$(BIN)/python bench/ui_bench.py --quick
 
 clean:
 	rm -rf $(VENV) $(DEMO_HOME)
