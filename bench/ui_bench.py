@@ -109,6 +109,9 @@ def main() -> None:
     parser.add_argument("--files-per-s", type=float, default=50.0, help="file writes per second into the checkout")
     args = parser.parse_args()
     seconds = 20.0 if args.quick else 60.0
+    if not Path(CHROMIUM).exists():
+        print(json.dumps({"bench": "ui", "skipped": f"no chromium at {CHROMIUM}; install it (make browser) to run this bench"}))
+        return
     from tuning.models import ensure_packaged_causal_lm
 
     home = Path(tempfile.mkdtemp(prefix="ui-bench-home-"))
