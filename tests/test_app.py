@@ -247,6 +247,14 @@ def test_view_helpers(tmp_path):
     assert sources_label({"sources": [source], "refused": True}).startswith("Closest matches (1)")
     assert sources_label({"sources": [source, {**source, "cited": True}]}) == "Sources: 1 cited of 2"
     assert sources_label({"sources": []}) is None
+    from tuning.training import format_duration, readable_line
+
+    assert readable_line({"event": "data", "train": 5, "time": 0}).endswith("data: 5 training rows")  # classification
+    assert readable_line({"event": "data", "train": {"kept": 9}, "time": 0}).endswith("data: 9 training rows")  # sft
+    line = readable_line({"event": "train", "step": 3, "max_steps": 60, "loss": 1.23456, "tokens_per_s": 410.2,
+                          "step_s": 6.1, "eta_s": 347.7, "time": 0})
+    assert line.endswith("step 3/60  loss 1.2346  410 tokens/s  6.1 s/step  ETA 5m48s")
+    assert format_duration(4000) == "1h06m" and format_duration(None) == "?"
 
 
 def test_ab_page_names_a_run_shows_answers_and_an_honest_leaderboard(app_env):

@@ -263,8 +263,9 @@ def readable_line(row: dict[str, Any]) -> str | None:
             parts.append(f"ETA {format_duration(row['eta_s'])}")
         return "  ".join(parts)
     if event == "data":
-        train = row.get("train") or {}
-        return f"{stamp} data: {train.get('kept', '?')} training rows"
+        train = row.get("train")
+        kept = train.get("kept", "?") if isinstance(train, dict) else train  # sft: stats; classification: a count
+        return f"{stamp} data: {kept if kept is not None else '?'} training rows"
     if event == "done":
         return f"{stamp} done: adapter written to {row.get('adapter')}"
     if event == "run":
