@@ -8,6 +8,9 @@ TORCH_INDEX ?=
 PIP := $(BIN)/python -m pip
 STAMP := $(VENV)/.installed
 DEMO_HOME ?= $(CURDIR)/.ragtune
+# Where the app listens: localhost by default. HOST=0.0.0.0 exposes it to the network: set a password
+# first (README, "Reliability") and put it behind a TLS reverse proxy.
+HOST ?= 127.0.0.1
 PORT ?= 8501
 
 .PHONY: install demo test bench bench-quick browser clean
@@ -33,8 +36,8 @@ browser:
 
 demo: install
 	RAGTUNE_HOME=$(DEMO_HOME) $(BIN)/ragtune index corpora/corvida/docs --collection corvida --chunk-tokens 128 --sync
-	RAGTUNE_HOME=$(DEMO_HOME) $(BIN)/streamlit run streamlit_app.py --server.headless true --server.port $(PORT) \
-	  --browser.gatherUsageStats false
+	@case "$(HOST)" in 127.0.0.1|localhost|::1) ;; *) echo "WARNING: the app will listen on $(HOST), reachable from the network; set a password (README, Reliability)";; esac
+	RAGTUNE_HOME=$(DEMO_HOME) $(BIN)/python -m serving.app_launch --server.address $(HOST) --server.port $(PORT)
 
 test: install browser
 	$(BIN)/python -m pytest -q
@@ -43,11 +46,13 @@ bench: install
 	$(BIN)/python bench/index_bench.py
 	$(BIN)/python bench/tune_bench.py
 	$(BIN)/python bench/serve_bench.py
+	$(BIN)/python bench/ui_bench.py
 
 bench-quick: install
 	$(BIN)/python bench/index_bench.py --quick
 	$(BIN)/python bench/tune_bench.py --quick
 	$(BIN)/python bench/serve_bench.py --quick
+	$(BIN)/python bench/ui_bench.py --quick
 
 clean:
 	rm -rf $(VENV) $(DEMO_HOME)

@@ -8,7 +8,8 @@
     <home>/adapters/<name>/        trained adapters (peft files + ragtune.json)
     <home>/retrievers/<name>/      fine-tuned sentence-transformers embedders (+ ragtune.json)
     <home>/runs/<name>/            training run logs and checkpoints
-    <home>/app-runs/               logs of tuning runs started from the app
+    <home>/app.yaml                the app's deployment settings (password hash, allowed folders)
+    <home>/app/                    the app's own state (how long the model took to load)
     <home>/reports/<name>/         A/B reports (Markdown, JSON, plots)
     <home>/uploads/<collection>/   files uploaded through the app, one folder per collection
     <home>/data/                   data the app writes (training files built from collections)
@@ -77,8 +78,12 @@ class Layout:
         return self.home / "runs"
 
     @property
-    def app_runs(self) -> Path:
-        return self.home / "app-runs"
+    def app_config(self) -> Path:
+        return self.home / "app.yaml"
+
+    @property
+    def app_state(self) -> Path:
+        return self.home / "app"
 
     @property
     def reports(self) -> Path:

@@ -1,4 +1,6 @@
-"""Chat: pick collection, mode and adapter; answers stream in, with sources, timings and a vote."""
+"""Chat: pick collection, mode and adapter; answers stream in, with sources, timings and a vote.
+
+Questions and answers are shown as text (escaped Markdown): an image or link in either is never fetched."""
 
 import streamlit as st
 
@@ -7,98 +9,119 @@ from serving.config import MODES, ServingError
 from serving.modes import uses_adapter, uses_retrieval
 
 home = str(webapp.app_home())
-ws = webapp.workspace(home)
-store = webapp.chat_store(home)
-
-st.title("Chat")
+if webapp.password_required(home) and not st.session_state.get("authenticated"):
+    st.stop()  # the entry script asks for the password; this guards a page run on its own
 state = st.session_state
-state.setdefault("messages", [])  # this user's conversation: dicts with role, content, answer
+state.setdefault("messages", [])  # this user's conversation: dicts with role, content, answer (or error)
 state.setdefault("chat_id", None)
 
-collections = ws.names()
+st.title("Chat")
+assistant = webapp.engine(home).wait()  # streamlit_app.py shows the loading progress first
+if assistant is None:
+    st.error(f"The model could not be loaded: {webapp.engine(home).error}")
+    st.stop()
+collections = webapp.collections(home)
+usable = webapp.usable_adapters(assistant)
+
+# choices survive reruns and pages: keep them in session state, fall back when one disappears
+if state.get("chat_collection") not in collections:
+    state.chat_collection = (webapp.DEMO_COLLECTION if webapp.DEMO_COLLECTION in collections
+                             else collections[0] if collections else None)
+if state.get("chat_adapter") not in usable:
+    state.chat_adapter = usable[0] if usable else None
 with st.sidebar:
     mode = st.radio("Mode", MODES, index=1, horizontal=True, key="mode",
                     help="base: the model alone · rag: retrieved sources · ft: a fine-tuned adapter · rag+ft: both")
-    collection = st.selectbox("Collection", collections, key="collection",
-                              index=(collections.index(webapp.DEMO_COLLECTION) if webapp.DEMO_COLLECTION in collections
-                                     else 0 if collections else None),
-                              placeholder="none yet", disabled=not uses_retrieval(mode))
+    collection = st.selectbox("Collection", collections, key="chat_collection", placeholder="none yet",
+                              disabled=not uses_retrieval(mode))
     k = st.slider("Sources (k)", 1, 10, 4, key="k", disabled=not uses_retrieval(mode))
-    with st.spinner("Loading the model (once for all users)..."):
-        assistant = webapp.assistant(home, webapp.serve_config_json())
-    usable = [a["name"] for a in assistant.generator.available_adapters() if a.get("usable")]
-    adapter = st.selectbox("Adapter", usable, index=0 if usable else None, key="adapter", placeholder="none yet",
+    adapter = st.selectbox("Adapter", usable, key="chat_adapter", placeholder="none yet",
                            disabled=not uses_adapter(mode))
     if st.button("New chat", icon=":material/add:"):
         state.messages, state.chat_id = [], None
         st.rerun()
 
-needs_adapter = uses_adapter(mode)
-if needs_adapter and not usable:
-    st.info("No fine-tuned adapter yet. Train the demo adapter on the **Tuning** page (a few minutes on a laptop "
-            f"CPU; the chat keeps working meanwhile), or in a terminal: `ragtune tune name={webapp.DEMO_ADAPTER} "
-            "data=corpora/corvida/qa/train.jsonl max_steps=60`. Until then use mode base or rag.")
-if uses_retrieval(mode) and not collections:
-    st.info("No collection yet. Create one on the **Collections** page, or: `ragtune index corpora/corvida/docs "
-            "--collection corvida`.")
+
+def missing_parts() -> list[str]:
+    """Hints for what the chosen mode needs and does not have; shown next to the question box."""
+    hints = []
+    if uses_adapter(mode) and not usable:
+        hints.append(f"Mode **{mode}** needs a fine-tuned adapter and there is none yet. Train the demo adapter on the "
+                     "**Tuning** page (about 6 minutes on 2 CPU cores; the chat keeps working meanwhile), or in a "
+                     f"terminal: `ragtune tune name={webapp.DEMO_ADAPTER} data=corpora/corvida/qa/train.jsonl max_steps=60`. "
+                     "Until then use mode base or rag.")
+    if uses_retrieval(mode) and not collections:
+        hints.append("No collection yet. Create one on the **Collections** page, or: `ragtune index corpora/corvida/docs "
+                     "--collection corvida`.")
+    return hints
 
 
 def show_sources(answer: dict) -> None:
-    sources = answer.get("sources") or []
-    if not sources:
+    label = webapp.sources_label(answer)
+    if label is None:
         return
-    cited = [s for s in sources if s.get("cited")]
-    label = (f"Sources: {len(cited)} cited of {len(sources)}" if cited else f"Sources ({len(sources)})")
     with st.expander(label, expanded=False):
-        for s in sources:
+        if answer.get("refused"):
+            st.caption("These passages were the closest matches to the question, but none was close enough to answer from.")
+        for s in answer["sources"]:
             sim = f" · similarity {s['similarity']:.2f}" if s.get("similarity") is not None else ""
             mark = " · **cited**" if s.get("cited") else ""
             st.markdown(f"**[{s['n']}]** {webapp.escape_markdown(s['doc'])} · characters {s['start']}-{s['end']}{sim}{mark}")
-            try:
-                document = ws.get(answer["collection"]).document_text(s["doc"])
+            document = webapp.document_text(home, answer["collection"], s["doc"]) if answer.get("collection") else None
+            if document is not None:
                 st.markdown(webapp.highlighted_span(document, s["start"], s["end"]))
-            except Exception:  # the document was deleted since: show the stored chunk as plain text
+            else:  # the document was deleted since: show the stored chunk as plain text
                 st.text(s["text"])
 
 
-def show_answer_footer(i: int, answer: dict) -> None:
+def show_answer(answer: dict) -> None:
+    if answer.get("refused"):
+        reason = answer.get("refusal_reason") or "no passage in the collection is close enough to the question"
+        st.caption(f"Not answered: {webapp.escape_markdown(reason)}")
+    show_sources(answer)
     if answer.get("notes"):
-        st.caption("; ".join(answer["notes"]))
-    caption = webapp.timings_caption(answer.get("timings") or {})
+        st.caption(webapp.escape_markdown("; ".join(answer["notes"])))
     extra = f"{answer['mode']}" + (f" · {answer['adapter']}" if answer.get("adapter") else "")
-    st.caption(f"{extra} · {caption}")
+    st.caption(f"{extra} · {webapp.timings_caption(answer.get('timings') or {})}")
     message_id = answer.get("message_id")
     if message_id:
         vote = st.feedback("thumbs", key=f"vote_{message_id}")
         if vote is not None and vote != answer.get("vote"):
-            store.set_feedback(message_id, 1 if vote == 1 else -1)
+            webapp.set_feedback(home, message_id, 1 if vote == 1 else -1)
             answer["vote"] = vote
 
 
-for i, message in enumerate(state.messages):
+for message in state.messages:
     with st.chat_message(message["role"]):
-        st.markdown(message["content"])
+        if message.get("error"):
+            st.error(message["error"])
+            continue
+        st.markdown(webapp.escape_markdown(message["content"]))
         if message["role"] == "assistant":
-            show_sources(message["answer"])
-            show_answer_footer(i, message["answer"])
+            show_answer(message["answer"])
+
+for hint in missing_parts():
+    st.info(hint)
 
 question = st.chat_input("Ask a question, e.g. " + webapp.DEMO_QUESTION)
 if question:
-    history = [{"role": m["role"], "content": m["content"]} for m in state.messages if not m.get("error")]
+    history = [{"role": m["role"], "content": m["content"]} for m in state.messages if not m.get("error")
+               and not m.get("failed")]
     with st.chat_message("user"):
-        st.markdown(question)
+        st.markdown(webapp.escape_markdown(question))
     with st.chat_message("assistant"):
         try:
             stream = assistant.stream(question, mode, collection if uses_retrieval(mode) else None,
-                                      adapter if needs_adapter else None, history, k=k, chat_id=state.chat_id)
+                                      adapter if uses_adapter(mode) else None, history, k=k, chat_id=state.chat_id)
         except ServingError as exc:
+            # kept in the conversation, so the question and its error survive the next rerun
             st.error(str(exc))
+            state.messages.append({"role": "user", "content": question, "failed": True})
+            state.messages.append({"role": "assistant", "content": "", "error": str(exc)})
         else:
-            st.write_stream(stream)
-            answer = stream.answer.to_dict()
-            answer.pop("hits", None)
+            st.write_stream(webapp.escape_markdown(piece) for piece in stream)
+            answer = webapp.answer_view(stream.answer)
             state.chat_id = stream.answer.chat_id
             state.messages.append({"role": "user", "content": question})
             state.messages.append({"role": "assistant", "content": stream.answer.text, "answer": answer})
-            show_sources(answer)
-            show_answer_footer(len(state.messages) - 1, answer)
+            show_answer(answer)

@@ -1,4 +1,7 @@
-"""Collections: create, upload and index files, index a server folder, inspect, delete, re-index."""
+"""Collections: create, upload and index files, index a server folder (inside the allowed roots), inspect,
+delete, re-index."""
+
+import time
 
 import streamlit as st
 
@@ -8,22 +11,21 @@ from rag.documents import SUPPORTED_SUFFIXES
 from serving import webapp
 
 home = str(webapp.app_home())
-ws = webapp.workspace(home)
+if webapp.password_required(home) and not st.session_state.get("authenticated"):
+    st.stop()  # the entry script asks for the password; this guards a page run on its own
+state = st.session_state
+ERRORS = (CollectionError, ConfigError, ValueError)  # core.names.InvalidName is a ValueError
 
 st.title("Collections")
-rows = ws.list()
-if rows:
-    st.dataframe([{k: r[k] for k in ("name", "documents", "chunks", "embedding_model", "index_type", "version")} for r in rows],
-                 hide_index=True, width="stretch")
-else:
-    st.info("No collection yet: upload files below, or index a folder on this server.")
+table = st.container()  # filled last, so a collection made by this run shows at once
 
 
 def progress_bar(label: str):
     bar = st.progress(0.0, text=label)
+    started = time.time()
 
     def report(done: int, total: int, message: str) -> None:
-        bar.progress(done / max(total, 1), text=f"{label}: {done}/{total} {message[-60:]}")
+        bar.progress(done / max(total, 1), text=f"{label}: {webapp.eta_text(done, max(total, 1), started)} · {message[-60:]}")
     return report
 
 
@@ -31,58 +33,76 @@ def show_report(name: str, report) -> None:
     st.success(f"{name}: {report.added} added, {report.updated} updated, {report.unchanged} unchanged, "
                f"{report.deleted} deleted ({report.total_documents} documents, {report.total_chunks} chunks)")
     for item in report.failed:
-        st.warning(f"{item['path']}: {item['error']}")
+        st.warning(f"{item['path']}: {item['error']} (not kept)")
 
 
+names = webapp.collections(home)
+state.setdefault("upload_collection", webapp.DEMO_COLLECTION if not names or webapp.DEMO_COLLECTION in names else names[0])
 add_tab, folder_tab = st.tabs(["Upload files", "Index a server folder"])
 with add_tab:
+    # the collection field is outside the form and keyed, so it keeps what the user typed after an upload
+    target = st.text_input("Collection (new or existing)", key="upload_collection")
     with st.form("upload", clear_on_submit=True):
-        target = st.text_input("Collection (new or existing)", value=webapp.DEMO_COLLECTION if not rows else rows[0]["name"])
         files = st.file_uploader("Documents", accept_multiple_files=True, type=[s.lstrip(".") for s in SUPPORTED_SUFFIXES])
         submitted = st.form_submit_button("Upload and index")
     if submitted:
         try:
-            if not files:
-                raise CollectionError("choose at least one file to upload")
-            folder = webapp.upload_folder(home, target)
-            webapp.save_uploads(home, target, [(f.name, f.getvalue()) for f in files])
-            show_report(target, ws.index(target, [folder], progress=progress_bar(f"indexing {target}")))
-        except (CollectionError, ConfigError, ValueError) as exc:
+            report = webapp.upload_and_index(home, target.strip(), [(f.name, f.getvalue()) for f in files or []],
+                                             progress=progress_bar(f"indexing {target}"))
+            show_report(target, report)
+            state.inspect = target.strip()
+        except ERRORS as exc:
             st.error(str(exc))
 with folder_tab:
+    roots = ", ".join(str(r) for r in webapp.index_roots(home))
     with st.form("folder"):
-        target = st.text_input("Collection (new or existing)", key="folder_collection")
-        path = st.text_input("Folder on this server", placeholder="/data/manuals")
+        folder_target = st.text_input("Collection (new or existing)", key="folder_collection")
+        path = st.text_input("Folder on this server", placeholder=str(webapp.DEMO_CORPUS / "corvida" / "docs"),
+                             key="folder_path", help="Only folders under the allowed roots (index_roots in app.yaml)")
         sync = st.checkbox("Delete documents whose files are gone (sync)")
-        submitted = st.form_submit_button("Index folder")
-    if submitted:
+        submitted_folder = st.form_submit_button("Index folder")
+    st.caption(f"Folders the app may index: {roots} (index_roots in $RAGTUNE_HOME/app.yaml)")
+    if submitted_folder:
         try:
-            show_report(target, ws.index(target, [path], sync=sync, progress=progress_bar(f"indexing {target}")))
-        except (CollectionError, ConfigError, ValueError) as exc:
+            show_report(folder_target, webapp.index_folder(home, folder_target.strip(), path, sync=sync,
+                                                           progress=progress_bar(f"indexing {folder_target}")))
+            state.inspect = folder_target.strip()
+        except ERRORS as exc:
             st.error(str(exc))
 
-names = ws.names()
+names = webapp.collections(home)
 if names:
     st.subheader("Inspect")
+    if state.get("inspect") not in names:
+        state.inspect = names[0]
     name = st.selectbox("Collection", names, key="inspect")
-    col = ws.get(name)
-    documents = col.documents()
-    st.dataframe([{"path": d["path"], "chunks": d["chunks"], "size": d["size"]} for d in documents],
-                 hide_index=True, width="stretch")
-    chosen = st.multiselect("Documents to delete", [d["path"] for d in documents])
+    docs = webapp.documents(home, name)
+    st.dataframe(docs, hide_index=True, width="stretch")
+    chosen = st.multiselect("Documents to delete", [d["path"] for d in docs], key="delete_docs")
     if st.button("Delete selected documents", disabled=not chosen):
-        st.success(f"{col.delete_documents(chosen)} document(s) deleted from {name}")
+        count = webapp.delete_documents(home, name, chosen)
+        state.deleted_message = f"{count} document(s) deleted from {name}"
+        del state["delete_docs"]
         st.rerun()
+    if state.get("deleted_message"):
+        st.success(state.pop("deleted_message"))
     with st.expander("Re-index with another embedding model"):
         model = st.text_input("Embedding model", value="default", help="'default', a local folder or a hub id")
         if st.button("Re-index"):
             try:
-                report = ws.reindex(name, model, progress=progress_bar(f"re-indexing {name}"))
+                report = webapp.reindex(home, name, model, progress=progress_bar(f"re-indexing {name}"))
                 st.success(f"{name}: {report.total_documents} documents re-embedded into {report.total_chunks} chunks")
-            except (CollectionError, ConfigError, ValueError) as exc:
+            except ERRORS as exc:
                 st.error(str(exc))
     with st.expander("Delete the whole collection"):
-        sure = st.checkbox(f"Yes, delete {name} and its index", key="sure_drop")
+        sure = st.checkbox(f"Yes, delete {name} and its index", key=f"sure_drop_{name}")
         if st.button("Delete collection", type="primary", disabled=not sure):
-            ws.drop(name)
+            webapp.drop_collection(home, name)
             st.rerun()
+
+with table:
+    rows = webapp.collection_rows(home)
+    if rows:
+        st.dataframe(rows, hide_index=True, width="stretch")
+    else:
+        st.info("No collection yet: upload files below, or index a folder on this server.")

@@ -1,69 +1,111 @@
-"""Tuning: start a `ragtune tune` run in a subprocess, watch its loss live, manage adapters."""
+"""Tuning: start a `ragtune tune` run in a subprocess (one folder per run), watch its loss, progress and
+readable log live; stop, resume, or keep a stopped run's checkpoint as an adapter; manage adapters."""
 
 import streamlit as st
 
-from core.config import ConfigError
-from serving import webapp
+from core.config import ConfigError, parse_overrides
+from serving import tune_jobs, webapp
 from tuning.errors import TuningError
 
 home = str(webapp.app_home())
+if webapp.password_required(home) and not st.session_state.get("authenticated"):
+    st.stop()  # the entry script asks for the password; this guards a page run on its own
 store = webapp.chat_store(home)
-jobs = webapp.job_registry()
+jobs = tune_jobs.job_registry()
+state = st.session_state
+ERRORS = (ConfigError, TuningError, ValueError)
 
 st.title("Tuning")
 with st.form("tune"):
-    st.caption("Starts `ragtune tune` in the background; the app (and the chat) stays usable while it runs.")
+    st.caption("Starts `ragtune tune` in the background; the app (and the chat) stays usable while it runs. "
+               "The demo settings take about 6 s a step on 2 CPU cores: ~6 minutes for 60 steps.")
     name = st.text_input("Adapter name", value=webapp.DEMO_ADAPTER)
-    data = st.text_input("Training data (JSONL/JSON/CSV/Parquet; comma-separate several)", value=webapp.DEMO_TUNE["data"][0])
+    data = st.text_input("Training data (JSONL/JSON/CSV/Parquet; comma-separate several)", value=webapp.DEMO_TUNE["data"][0],
+                         key="tune_data", help="Only files under the allowed roots (data_roots in app.yaml)")
+    st.caption("Training data may come from: " + ", ".join(str(r) for r in webapp.data_roots(home)))
     c1, c2, c3 = st.columns(3)
     max_steps = c1.number_input("max_steps", min_value=1, value=webapp.DEMO_TUNE["max_steps"])
     learning_rate = c2.number_input("learning_rate", value=2e-4, format="%.1e")
     method = c3.selectbox("method", ["lora", "dora", "full"])
     extra = st.text_area("More config (key=value per line, see `ragtune tune --show-config`)",
-                         value="eval_steps=20\nlogging_steps=2\nforgetting_probe=false")
+                         value="eval_steps=20\nsave_steps=20\nlogging_steps=2\nforgetting_probe=false")
     start = st.form_submit_button("Start training")
 if start:
-    from core.config import parse_overrides
-
     try:
         values = {**{k: v for k, v in webapp.DEMO_TUNE.items() if k not in ("name", "data", "max_steps")},
-                  "name": name, "data": [d.strip() for d in data.split(",") if d.strip()], "max_steps": int(max_steps),
+                  "name": name.strip(), "data": [d.strip() for d in data.split(",") if d.strip()], "max_steps": int(max_steps),
                   "learning_rate": float(learning_rate), "method": method,
                   **parse_overrides([line for line in extra.splitlines() if line.strip()]), "overwrite": True}
         job = jobs.start(home, values, store)
-        st.success(f"started run {job.run_id} ({name}), process {job.process.pid}")
-    except (ConfigError, TuningError, ValueError) as exc:
+        state.follow_run = job.run_id  # the panel follows the run just started
+        st.success(f"started run {job.run_id} ({name}) in {job.run_dir}")
+    except ERRORS as exc:
         st.error(str(exc))
 
 
 @st.fragment(run_every=3)
 def runs_panel() -> None:
     jobs.refresh(store)
-    runs = store.runs(10)
+    runs = store.runs(20)
     if not runs:
         st.caption("No runs started from the app yet.")
         return
     st.subheader("Runs")
-    st.dataframe([{k: r[k] for k in ("id", "name", "status", "returncode", "pid")} for r in runs], hide_index=True)
-    run = st.selectbox("Run", runs, format_func=lambda r: f"{r['id']}: {r['name']} ({r['status']})", key="run_pick")
-    curve = webapp.loss_curve(webapp.run_log(home, run["name"]))
+    st.dataframe([{k: r[k] for k in ("id", "name", "status", "returncode")} | {"folder": str(tune_jobs.run_dir_of(r))}
+                  for r in runs], hide_index=True)
+    by_id = {r["id"]: r for r in runs}
+    if state.get("follow_run") in by_id:
+        state.run_pick = state.pop("follow_run")
+    if state.get("run_pick") not in by_id:
+        state.run_pick = runs[0]["id"]
+    run_id = st.selectbox("Run", list(by_id), key="run_pick",
+                          format_func=lambda i: f"{i}: {by_id[i]['name']} ({by_id[i]['status']})")
+    run = by_id[run_id]
+    view = tune_jobs.run_view(run)
+    progress = view["progress"]
+    if progress:
+        eta = f" · ETA {webapp.format_duration(progress['eta_s'])}" if run["status"] == "running" else ""
+        speed = f" · {progress['step_s']:.1f} s/step" if progress.get("step_s") else ""
+        st.progress(min(1.0, progress["step"] / progress["max_steps"]),
+                    text=f"step {progress['step']}/{progress['max_steps']}{speed}{eta}")
+    curve = view["curve"]
     if curve["loss"] or curve["eval_loss"]:
         steps = sorted(set(curve["loss"]) | set(curve["eval_loss"]))
         st.line_chart({"step": steps, "loss": [curve["loss"].get(s) for s in steps],
                        "eval_loss": [curve["eval_loss"].get(s) for s in steps]}, x="step", y=["loss", "eval_loss"])
     else:
-        st.caption("no loss logged yet")
-    st.code(webapp.tail(run["output_path"]) or "(no output yet)", language=None)
-    if run["status"] == "running" and st.button("Stop run", key=f"stop_{run['id']}"):
-        jobs.stop(run["id"], store)
+        st.caption("no loss logged yet (the model loads first)")
+    st.code(view["log_text"] or "(nothing logged yet)", language=None)
+    with st.expander("Raw output of the process"):
+        st.code(view["output"] or "(no output yet)", language=None)
+    if run["status"] == "running":
+        if st.button("Stop run", key=f"stop_{run['id']}"):
+            jobs.stop(run["id"], store)
+            st.rerun(scope="fragment")
+    elif run["status"] in ("stopped", "failed") and view["checkpoints"]:
+        st.caption(f"Checkpoints: {', '.join(view['checkpoints'])}")
+        c1, c2 = st.columns(2)
+        if c1.button("Resume from the newest checkpoint", key=f"resume_{run['id']}"):
+            try:
+                job = jobs.resume(home, run, store)
+                state.follow_run = job.run_id
+                st.rerun(scope="fragment")
+            except ERRORS as exc:
+                st.error(str(exc))
+        keep_name = c2.text_input("Keep as adapter named", value=f"{run['name']}-step{view['checkpoints'][-1].split('-')[-1]}",
+                                  key=f"keep_name_{run['id']}")
+        if c2.button("Keep this checkpoint as an adapter", key=f"keep_{run['id']}"):
+            try:
+                path = tune_jobs.keep_checkpoint(home, run, keep_name.strip())
+                st.success(f"kept {view['checkpoints'][-1]} as adapter {keep_name} ({path})")
+            except ERRORS as exc:
+                st.error(str(exc))
 
 
 runs_panel()
 
 st.subheader("Adapters")
-from tuning.adapters import list_adapters, remove_adapter  # noqa: E402  (kept next to its use)
-
-adapters = list_adapters(webapp.app_home())
+adapters = tune_jobs.list_adapters(home)
 if not adapters:
     st.caption("No adapters yet.")
 for a in adapters:
@@ -73,5 +115,5 @@ for a in adapters:
         st.json({"task": a.get("task"), "created": a.get("created"), "metrics": a.get("metrics"),
                  "forgetting (perplexity change %)": a.get("forgetting")}, expanded=False)
         if st.button("Delete adapter", key=f"rm_{a['name']}"):
-            remove_adapter(webapp.app_home(), a["name"])
+            tune_jobs.remove_adapter(home, a["name"])
             st.rerun()

@@ -63,15 +63,43 @@ def test_bradley_terry_orders_arms_and_estimates_votes_needed():
     votes = [("rag", "base", "a")] * 30 + [("rag", "base", "b")] * 5 + [("rag+ft", "rag", "a")] * 12 + \
             [("rag+ft", "rag", "b")] * 10 + [("rag+ft", "base", "a")] * 20 + [("ft", "base", "tie")] * 8 + \
             [("ft", "rag", "b")] * 15
-    result = stats.bradley_terry(votes, n_boot=200)
+    result = stats.bradley_terry(votes)
     arms = [r["arm"] for r in result["ratings"]]
     assert arms[:2] == ["rag+ft", "rag"] and arms[-1] in ("base", "ft")
     top = result["ratings"][0]
     assert top["ci_low"] <= top["rating"] <= top["ci_high"]
     assert result["votes_to_separate"] > 0  # 12 vs 10 does not separate the top two yet
     # two players, equal records: equal ratings
-    even = stats.bradley_terry([("x", "y", "a"), ("x", "y", "b")], n_boot=20)
+    even = stats.bradley_terry([("x", "y", "a"), ("x", "y", "b")])
     assert even["ratings"][0]["rating"] == pytest.approx(even["ratings"][1]["rating"])
+    assert even["votes_to_separate"] is None and not even["separated"]
+
+
+def test_bradley_terry_one_vote_claims_nothing_and_has_wide_intervals():
+    one = stats.bradley_terry([("rag", "base", "a")])
+    top, other = one["ratings"]
+    assert top["arm"] == "rag" and top["rating"] > other["rating"]
+    for r in one["ratings"]:  # non-degenerate: each interval is wide and holds its point estimate
+        assert r["ci_high"] - r["ci_low"] > 300 and r["ci_low"] < r["rating"] < r["ci_high"]
+    assert top["ci_low"] < other["ci_high"]  # the intervals overlap
+    assert one["separated"] is False and one["votes_to_separate"] >= stats.MIN_VOTES_TO_SEPARATE - 1
+    # the gap after one vote is modest (the prior), not the 262 points of an unregularised fit
+    assert 0 < one["gap"] < 200
+
+
+def test_bradley_terry_many_votes_separate_and_min_votes_gate():
+    many = [("rag", "base", "a")] * 80 + [("rag", "base", "b")] * 20 + [("rag", "base", "tie")] * 10
+    result = stats.bradley_terry(many)
+    assert result["separated"] is True and result["votes_to_separate"] == 0
+    top, other = result["ratings"]
+    assert top["arm"] == "rag" and top["ci_low"] > other["ci_high"]
+    widths = [r["ci_high"] - r["ci_low"] for r in result["ratings"]]
+    one = stats.bradley_terry([("rag", "base", "a")])
+    assert max(widths) < min(r["ci_high"] - r["ci_low"] for r in one["ratings"]) / 2  # intervals shrink with votes
+    # a lopsided but small record is not called separated before the minimum vote count
+    few = stats.bradley_terry([("rag", "base", "a")] * 12, min_votes=20)
+    assert few["separated"] is False and few["votes_to_separate"] >= 8
+    assert stats.bradley_terry([("rag", "base", "a")] * 12, min_votes=5)["separated"] is True
 
 
 @pytest.mark.parametrize("pred,ref,em,f1", [

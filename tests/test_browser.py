@@ -1,14 +1,23 @@
-"""End to end in a real browser: Debian's chromium, driven headless by Playwright, against `streamlit run`
-on a free localhost port with a temp RAGTUNE_HOME. Asks a question in RAG mode, waits for the streamed
-answer and its sources, checks a document's markup stays text, saves a screenshot under test-artifacts/."""
+"""End to end in a real browser: Debian's chromium, driven headless by Playwright, against the app started
+as `make demo` starts it (``python -m serving.app_launch``, the repo's .streamlit/config.toml) on a free
+localhost port with a temp RAGTUNE_HOME that holds the indexed demo slice.
+
+One flow: the first RAG answer (timed from the server's health check), an image link in the question that
+must not be fetched (a local HTTP server counts requests), then create a collection by uploading a file,
+ask it, and see the cited span. The chat's tokens/s is compared with `ragtune ask` on the same question in
+the same run (a ratio, not a timed threshold). Figures go to test-artifacts/browser.json."""
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -20,6 +29,10 @@ ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = os.environ.get("RAGTUNE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                "--disable-sync", "--no-first-run"]
+QUESTION = "When is the Vexa-7 gasket replaced?"
+UPLOAD_DOC = ("# Orla service note\n\nThe Orla-3 circulation pump must be descaled every 14 months by a certified "
+              "installer. ![tracker](http://127.0.0.1:{port}/from-document.png)\n")
+UPLOAD_QUESTION = "How often must the Orla-3 pump be descaled?"
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -30,20 +43,42 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class _Counter(http.server.BaseHTTPRequestHandler):
+    hits: list[str] = []
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        type(self).hits.append(self.path)
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
 @pytest.fixture()
-def streamlit_url(serving_home, tmp_path):
+def trap_server():
+    """A localhost HTTP server that records every request: nothing in the chat may reach it."""
+    _Counter.hits = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Counter)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1], _Counter.hits
+    server.shutdown()
+
+
+@pytest.fixture()
+def app_server(serving_home, tmp_path):
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no chromium at {CHROMIUM}: `make test` installs it with apt-get (Debian/Ubuntu, as root)")
     pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed (pip install playwright)")
     config = tmp_path / "serve.yaml"
-    config.write_text("max_new_tokens: 16\nsource_tokens: 96\n", encoding="utf-8")
+    config.write_text("max_new_tokens: 48\nsource_tokens: 96\n", encoding="utf-8")
     port = _free_port()
-    env = {**os.environ, "RAGTUNE_HOME": str(serving_home), "RAGTUNE_SERVE_CONFIG": str(config),
-           "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
-    log = open(tmp_path / "streamlit.log", "wb")
-    process = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(REPO / "streamlit_app.py"),
-                                "--server.headless", "true", "--server.port", str(port), "--server.address", "127.0.0.1",
-                                "--server.fileWatcherType", "none"],
+    env = {**os.environ, "RAGTUNE_HOME": str(serving_home), "RAGTUNE_SERVE_CONFIG": str(config)}
+    log_path = tmp_path / "streamlit.log"
+    log = open(log_path, "wb")
+    process = subprocess.Popen([sys.executable, "-m", "serving.app_launch", "--server.port", str(port)],
                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -55,12 +90,12 @@ def streamlit_url(serving_home, tmp_path):
             except OSError:
                 if process.poll() is not None:
                     break
-                time.sleep(0.5)
+                time.sleep(0.25)
         else:
-            pytest.fail("streamlit did not start in 90 s: " + (tmp_path / "streamlit.log").read_text()[-2000:])
+            pytest.fail("streamlit did not start in 90 s: " + log_path.read_text()[-2000:])
         if process.poll() is not None:
-            pytest.fail("streamlit exited: " + (tmp_path / "streamlit.log").read_text()[-2000:])
-        yield url
+            pytest.fail("streamlit exited: " + log_path.read_text()[-2000:])
+        yield {"url": url, "healthy_at": time.time(), "home": serving_home, "config": config, "log": log_path}
     finally:
         process.terminate()
         try:
@@ -70,32 +105,86 @@ def streamlit_url(serving_home, tmp_path):
         log.close()
 
 
-def test_rag_question_in_a_real_browser(streamlit_url):
+def _answer_caption(page, n: int):
+    """The caption of the n-th answer (0-based) once it is complete; returns its text."""
+    from playwright.sync_api import expect
+
+    captions = page.get_by_test_id("stChatMessage").filter(has_text="first token").get_by_text("first token")
+    expect(captions.nth(n)).to_be_visible(timeout=240_000)
+    return captions.nth(n).inner_text()
+
+
+def _tokens_per_s(caption: str) -> float:
+    found = re.search(r"([\d.]+) tokens/s", caption)
+    assert found, caption
+    return float(found.group(1))
+
+
+def test_demo_flow_in_a_real_browser(app_server, trap_server, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
+    trap_port, hits = trap_server
+    url = app_server["url"]
+    figures: dict[str, float] = {}
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(streamlit_url)
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(url)
             box = page.get_by_test_id("stChatInputTextArea")
-            expect(box).to_be_visible(timeout=120_000)  # the model loads on the first visit
-            box.fill("When is the Vexa-7 gasket replaced?")
+            expect(box).to_be_visible(timeout=240_000)  # after the "loading the model" progress, if still loading
+            # 1. the first RAG answer, with an image link in the question that must not be fetched
+            box.fill(f"{QUESTION} ![pixel](http://127.0.0.1:{trap_port}/from-question.png)")
             box.press("Enter")
-            answer = page.get_by_test_id("stChatMessage").nth(1)
-            expect(answer).to_be_visible(timeout=120_000)
-            expect(page.get_by_text("first token", exact=False).first).to_be_visible(timeout=120_000)  # answer complete
+            first_caption = _answer_caption(page, 0)
+            figures["first_answer_s_after_health"] = round(time.time() - app_server["healthy_at"], 1)
+            figures["ui_tokens_per_s"] = _tokens_per_s(first_caption)
+            expect(page.get_by_text("from-question", exact=False).first).to_be_visible()  # shown as text
             sources = page.get_by_test_id("stExpander").filter(has_text="Sources").first
-            expect(sources).to_be_visible()
-            assert answer.inner_text().strip()
             sources.get_by_text("Sources", exact=False).first.click()
-            expect(page.get_by_text("markup-test.md", exact=False).first).to_be_visible()
             expect(page.get_by_text("INJECTED", exact=False).first).to_be_visible()
-            # the document's markup is shown as text: no element from it, no script ran
-            assert page.locator("#injected-bold").count() == 0
+            assert page.locator("#injected-bold").count() == 0  # the document's markup is text
             assert page.evaluate("window.__ragtune_injected === undefined")
-            page.screenshot(path=str(ARTIFACTS / "browser-rag-answer.png"), full_page=True)
+            # 2. create a collection by uploading a file
+            page.goto(url + "/collections")
+            field = page.get_by_label("Collection (new or existing)").first
+            expect(field).to_be_visible(timeout=60_000)
+            field.fill("orla-notes")
+            field.press("Enter")
+            doc = tmp_path / "orla-service.md"
+            doc.write_text(UPLOAD_DOC.format(port=trap_port), encoding="utf-8")
+            page.locator("input[type=file]").first.set_input_files(str(doc))
+            expect(page.get_by_text("orla-service.md").first).to_be_visible(timeout=30_000)
+            page.get_by_role("button", name="Upload and index").click()
+            expect(page.get_by_text("orla-notes: 1 added", exact=False)).to_be_visible(timeout=120_000)
+            # 3. ask the new collection and see the cited span highlighted
+            page.goto(url)
+            expect(page.get_by_test_id("stChatInputTextArea")).to_be_visible(timeout=60_000)
+            page.get_by_test_id("stSelectbox").filter(has_text="Collection").click()
+            page.get_by_role("option", name="orla-notes").click()
+            box = page.get_by_test_id("stChatInputTextArea")
+            box.fill(UPLOAD_QUESTION)
+            box.press("Enter")
+            _answer_caption(page, 0)
+            sources = page.get_by_test_id("stExpander").filter(has_text="Sources").first
+            sources.get_by_text("Sources", exact=False).first.click()
+            expect(sources.get_by_text("orla-service.md", exact=False).first).to_be_visible()
+            span = sources.get_by_text("descaled every 14 months", exact=False).first
+            expect(span).to_be_visible()
+            page.screenshot(path=str(ARTIFACTS / "browser-cited-span.png"), full_page=True)
+            time.sleep(1.0)  # give a fetch that should not happen the time to arrive
         finally:
             browser.close()
-    assert (ARTIFACTS / "browser-rag-answer.png").stat().st_size > 10_000
+    assert hits == [], f"the browser fetched {hits} from text in the chat"
+    # the same question through `ragtune ask` in the same run, on the same machine state
+    env = {**os.environ, "RAGTUNE_HOME": str(app_server["home"])}
+    out = subprocess.run([sys.executable, "-m", "serving.cli", "ask", QUESTION, "--collection", "corvida", "--mode", "rag",
+                          "--json", "--config", str(app_server["config"])], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    figures["cli_tokens_per_s"] = json.loads(out.stdout)["timings"]["tokens_per_s"]
+    figures["ui_vs_cli_tokens_per_s"] = round(figures["ui_tokens_per_s"] / figures["cli_tokens_per_s"], 3)
+    (ARTIFACTS / "browser.json").write_text(json.dumps(figures, indent=2), encoding="utf-8")
+    print(json.dumps(figures))
+    assert abs(figures["ui_vs_cli_tokens_per_s"] - 1) <= 0.25, figures

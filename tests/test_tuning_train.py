@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,10 +43,14 @@ def test_lora_run_writes_adapter_manifest_and_log(tune_home, tiny_sft_data):
     assert manifest["tokens_per_second"] > 0 and manifest["params"]["trainable"] < manifest["params"]["total"]
     assert set(manifest["forgetting"]) >= {"before", "after", "perplexity_change_pct"}
     assert manifest["data_stats"]["train"]["kept"] == 9
-    events = [json.loads(line) for line in (tune_home / "runs" / "hx" / "log.jsonl").read_text().splitlines()]
+    run_dir = Path(manifest["run_dir"])  # one folder per run: runs/<name>/<run-id>/
+    assert run_dir.parent == tune_home / "runs" / "hx" and (run_dir / "run.json").is_file()
+    events = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     kinds = [e["event"] for e in events]
-    assert kinds[0] == "data" and "train" in kinds and "eval" in kinds and kinds[-1] == "done"
+    assert kinds[:2] == ["run", "data"] and "train" in kinds and "eval" in kinds and kinds[-1] == "done"
     assert any("loss" in e for e in events if e["event"] == "train")
+    readable = (run_dir / "log.txt").read_text()
+    assert "step 2/2" in readable and "eval loss" in readable and "tokens/s" in readable and "ETA" in readable
     # loadable by plain peft; the adapter changes the model's output
     base_path = tune_home / "models" / "smollm2-135m-instruct"
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), folder).eval()
@@ -70,7 +75,7 @@ def test_invalid_data_stops_before_training(tune_home, tmp_path):
 def test_early_stopping_keeps_the_best_checkpoint(tune_home, tiny_sft_data):
     m = run(tune_home, tiny_sft_data, "name=es", "max_steps=8", "eval_steps=1", "save_steps=1", "val_share=0.25",
             "learning_rate=0.05", "early_stopping_patience=1", "warmup_ratio=0")
-    evals = [json.loads(line) for line in (tune_home / "runs" / "es" / "log.jsonl").read_text().splitlines()]
+    evals = [json.loads(line) for line in (Path(m["run_dir"]) / "log.jsonl").read_text().splitlines()]
     losses = [e["eval_loss"] for e in evals if e["event"] == "eval"]
     assert m["metrics"]["steps"] < 8  # stopped early: a huge learning rate makes eval loss worse
     assert m["metrics"]["best_eval_loss"] == pytest.approx(min(losses[:-1]))
@@ -82,9 +87,8 @@ def test_killed_run_resumes_to_the_same_adapter(tune_home, tiny_sft_data, tmp_pa
     env = {**os.environ, "RAGTUNE_HOME": str(tune_home), "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "serving.cli", "tune", "name=killed", *args]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    ckpt = tune_home / "runs" / "killed" / "checkpoints" / "checkpoint-2"
     deadline = time.time() + 120
-    while not (ckpt / "trainer_state.json").exists():
+    while not list((tune_home / "runs" / "killed").glob("*/checkpoints/checkpoint-2/trainer_state.json")):
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         assert time.time() < deadline, "no checkpoint within 120 s"
         time.sleep(0.2)

@@ -196,10 +196,12 @@ def parameter_counts(model) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------------- logging
 
 class JsonlLog:
-    """Appends one JSON object per line to ``<run>/log.jsonl`` (the UI plots it)."""
+    """Appends one JSON object per line to ``<run>/log.jsonl`` (the UI plots it), and a line a person can
+    read to ``<run>/log.txt`` for training and evaluation events (step, loss, eval loss, tokens/s, ETA)."""
 
     def __init__(self, path: Path, enabled: bool = True):
         self.path = path
+        self.text_path = path.with_name("log.txt")
         self.enabled = enabled
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -210,7 +212,10 @@ class JsonlLog:
         row = {"event": event, "time": round(time.time(), 3), **values}
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row, default=float) + "\n")
-
+        line = readable_line(row)
+        if line:
+            with open(self.text_path, "a", encoding="utf-8") as fh:
+                fh.write(line + "\n")
 
     def last(self, event: str) -> dict | None:
         """The newest row of ``event`` without its bookkeeping keys, or None."""
@@ -227,14 +232,80 @@ class JsonlLog:
         return found
 
 
+def format_duration(seconds: float | None) -> str:
+    """``95`` -> ``1m35s``; ``4000`` -> ``1h06m``; None -> ``?``."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+
+
+def readable_line(row: dict[str, Any]) -> str | None:
+    """The human-readable log line for a log row (None for rows a person need not read)."""
+    stamp = time.strftime("%H:%M:%S", time.localtime(row.get("time", time.time())))
+    event = row.get("event")
+    if event in ("train", "eval"):
+        step, total = row.get("step"), row.get("max_steps")
+        parts = [f"{stamp} step {step}" + (f"/{total}" if total else "")]
+        if "loss" in row:
+            parts.append(f"loss {row['loss']:.4f}")
+        if "eval_loss" in row:
+            parts.append(f"eval loss {row['eval_loss']:.4f}")
+        if row.get("tokens_per_s"):
+            parts.append(f"{row['tokens_per_s']:.0f} tokens/s")
+        if row.get("step_s"):
+            parts.append(f"{row['step_s']:.1f} s/step")
+        if row.get("eta_s") is not None:
+            parts.append(f"ETA {format_duration(row['eta_s'])}")
+        return "  ".join(parts)
+    if event == "data":
+        train = row.get("train")
+        kept = train.get("kept", "?") if isinstance(train, dict) else train  # sft: stats; classification: a count
+        return f"{stamp} data: {kept if kept is not None else '?'} training rows"
+    if event == "done":
+        return f"{stamp} done: adapter written to {row.get('adapter')}"
+    if event == "run":
+        return f"{stamp} run {row.get('run_id')} of {row.get('name')} started" + (" (resumed)" if row.get("resumed_from") else "")
+    return None
+
+
 class LogCallback(TrainerCallback):
+    """Logs Trainer's losses with the step count, measured seconds per step, tokens/s and an ETA.
+
+    Step time is measured from this process's first step, so a resumed run's ETA is not skewed by the
+    steps done before the interruption."""
+
     def __init__(self, log: JsonlLog):
         self.log = log
+        self.started: float | None = None
+        self.first_step = 0
+        self.last_time: float | None = None
+        self.last_tokens = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = self.last_time = time.time()
+        self.first_step = state.global_step
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            kind = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-            self.log.write(kind, **{"step": state.global_step, **logs, "epoch": round(state.epoch or 0.0, 4)})
+        if not (state.is_world_process_zero and logs):
+            return
+        kind = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        now = time.time()
+        extra: dict[str, Any] = {"max_steps": state.max_steps}
+        done = state.global_step - self.first_step
+        if self.started is not None and done > 0:
+            step_s = (now - self.started) / done
+            extra["step_s"] = round(step_s, 3)
+            extra["eta_s"] = round(step_s * max(state.max_steps - state.global_step, 0), 1)
+        tokens = logs.get("tokens_seen")
+        if kind == "train" and tokens is not None and self.last_time is not None and now > self.last_time:
+            extra["tokens_per_s"] = round((tokens - self.last_tokens) / (now - self.last_time), 1)
+            self.last_tokens, self.last_time = tokens, now
+        self.log.write(kind, **{"step": state.global_step, **logs, "epoch": round(state.epoch or 0.0, 4), **extra})
 
 
 # ------------------------------------------------------------------------------------------ SFT trainer
@@ -315,6 +386,11 @@ class SFTTrainer(Trainer):
         self.model_accepts_loss_kwargs = True  # so Trainer counts label tokens across accumulation steps
         self._loss_shifts_labels = True
         self.tokens_seen = 0
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs:  # training logs carry the token count, for tokens/s in the run log
+            logs = {**logs, "tokens_seen": self.tokens_seen}
+        super().log(logs, *args, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
         return self._mixture_sampler if self._mixture_sampler is not None else super()._get_train_sampler(train_dataset)
@@ -399,6 +475,56 @@ def evaluate_loss(model, rows: list[dict], collator, batch_size: int, device, pr
 
 
 # -------------------------------------------------------------------------------------- run folders
+
+RUN_ID_ENV = "RAGTUNE_RUN_ID"  # set by the app so it knows the folder of the run it starts (or resumes)
+
+
+def run_folder(home: Path, name: str, resume: bool) -> Path:
+    """The folder of this training run: ``<home>/runs/<name>/<run-id>/``.
+
+    Every run gets its own folder (log, human-readable log, checkpoints, config), so two runs of the same
+    name never share a log. The run id is ``$RAGTUNE_RUN_ID`` when set (the app names the runs it starts),
+    else a new timestamp; ``resume=true`` without an id continues the newest run of that name that has a
+    checkpoint (a run folder of the older ``runs/<name>/checkpoints`` layout included)."""
+    from core.names import check_name, child_path
+    from core.workspace import Layout
+
+    root = Layout(Path(home)).run_dir(name)
+    given = os.environ.get(RUN_ID_ENV) or None
+    if given:
+        return child_path(root, check_name(given, "run id"), "run id")
+    if resume:
+        candidates = sorted((p for p in root.iterdir() if p.is_dir() and (p / "checkpoints").is_dir()),
+                            key=lambda p: p.stat().st_mtime) if root.is_dir() else []
+        if candidates:
+            return candidates[-1]
+        if (root / "checkpoints").is_dir():
+            return root  # written before run folders had ids
+        raise TuningError(f"resume=true but no run of {name!r} under {root} has a checkpoint; run again without resume=true")
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 1000):
+        run_dir = root / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            run_dir.mkdir()  # atomic: two runs started in the same second get different folders
+            return run_dir
+        except FileExistsError:
+            continue
+    raise TuningError(f"could not make a new run folder under {root}")
+
+
+def write_run_info(run_dir: Path, config: TuneConfig, base: Any, resume_from: str | None) -> None:
+    """``run.json``: what is needed later to keep a checkpoint of this run as an adapter."""
+    from tuning.config import resolved_dict
+
+    info = {"name": config.name, "run_id": run_dir.name, "task": config.task, "method": config.method,
+            "quant": config.quant, "config": resolved_dict(config),
+            "base_model": {"id": base.id, "kind": base.kind, "path": str(base.path)},
+            "started": time.time(), "resumed_from": Path(resume_from).name if resume_from else None}
+    tmp = run_dir / ".run.json.tmp"
+    tmp.write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, run_dir / "run.json")
+
 
 def prepare_run_dir(run_dir: Path, resume: bool) -> str | None:
     """Checkpoint to resume from (``resume=true``), else a clean ``checkpoints`` folder."""
@@ -508,3 +634,61 @@ def set_threads(threads: int) -> int:
     n = threads if threads > 0 else (auto_threads() if not torch.cuda.is_available() else torch.get_num_threads())
     torch.set_num_threads(n)
     return n
+
+
+def checkpoint_to_adapter(home: Path, run_dir: Path, name: str, overwrite: bool = False) -> Path:
+    """Keep the newest checkpoint of a stopped run (``<run_dir>/checkpoints/checkpoint-N``) as adapter
+    ``name``: peft's files copied into ``<home>/adapters/<name>/`` with a ``ragtune.json`` saying where
+    it came from (run, step, last logged losses). Written to a temp folder and renamed."""
+    import datetime as dt
+
+    from core.names import child_path
+    from tuning.adapters import adapters_root, write_manifest
+    from tuning.models import BaseModel, weights_hash
+
+    info_path = Path(run_dir) / "run.json"
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise TuningError(f"{run_dir} has no readable run.json; only runs started by this version can be kept") from None
+    if info.get("task") != "sft" or info.get("method") == "full":
+        raise TuningError("only LoRA/DoRA runs of task sft can be kept from a checkpoint; train to the end instead")
+    folder = Path(run_dir) / "checkpoints"
+    found = sorted((p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]))
+    if not found or not (found[-1] / "adapter_model.safetensors").is_file():
+        raise TuningError(f"no checkpoint with adapter weights under {folder}; the run stopped before its first save "
+                          f"(save_steps) - resume it or start again")
+    checkpoint = found[-1]
+    target = child_path(adapters_root(home), name, "adapter name")
+    if target.exists() and not overwrite:
+        raise TuningError(f"adapter {name!r} already exists; pick another name or remove it first")
+    state: dict[str, Any] = {}
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    history = state.get("log_history") or []
+    losses = [h["loss"] for h in history if "loss" in h]
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    base_info = info.get("base_model") or {}
+    base = BaseModel(base_info.get("id", ""), base_info.get("path", ""), base_info.get("kind", "local"))
+    tmp = staging_dir(target.parent, name)
+    for f in checkpoint.iterdir():
+        if f.is_file() and (f.name.startswith("adapter_") or f.name in ("tokenizer.json", "tokenizer_config.json",
+                                                                          "special_tokens_map.json", "chat_template.jinja")):
+            shutil.copy2(f, tmp / f.name)
+    config = dict(info.get("config") or {})
+    config["name"] = name
+    write_manifest(tmp, {
+        "format": 1, "name": name, "task": "sft", "method": info.get("method"), "quant": info.get("quant"),
+        "base_model": {"id": base.id, "kind": base.kind, "sha256": weights_hash(base) if base.path else None},
+        "config": config,
+        "metrics": {"steps": state.get("global_step"), "train_loss": losses[-1] if losses else None,
+                    "eval_loss": evals[-1] if evals else None},
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "from_checkpoint": {"run_dir": str(run_dir), "checkpoint": checkpoint.name, "run_id": info.get("run_id")},
+        "run_dir": str(run_dir),
+    })
+    publish_folder(tmp, target)
+    return target

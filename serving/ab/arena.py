@@ -70,5 +70,20 @@ def record_vote(store: ABStore, round_: ArenaRound, outcome: str) -> int:
     return vote_id
 
 
-def leaderboard(store: ABStore, n_boot: int = 300) -> dict[str, Any]:
-    return stats.bradley_terry(store.votes(), n_boot=n_boot)
+def leaderboard(store: ABStore, min_votes: int = stats.MIN_VOTES_TO_SEPARATE) -> dict[str, Any]:
+    return stats.bradley_terry(store.votes(), min_votes=min_votes)
+
+
+def leaderboard_caption(board: dict[str, Any]) -> str:
+    """One line saying what the votes support, and nothing more."""
+    if not board["ratings"]:
+        return ""
+    if board["separated"]:
+        return ("The top two are separated: the 95% interval of their rating difference excludes zero "
+                f"({board['votes']} votes).")
+    if board["votes_to_separate"] is None:
+        return "The top two are level; more votes are needed to tell them apart."
+    if board["votes"] < board["min_votes"]:
+        return (f"Too few votes to rank reliably ({board['votes']} of at least {board['min_votes']}); "
+                f"roughly {board['votes_to_separate']} more votes before the top two could be separated.")
+    return f"The top two overlap; roughly {board['votes_to_separate']} more votes would separate them at this gap."

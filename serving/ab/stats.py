@@ -4,8 +4,9 @@
 - :func:`paired_difference`: mean difference of two arms on the same questions, its paired
   bootstrap CI, and a paired test — exact McNemar for 0/1 metrics, the exact sign test otherwise;
 - :func:`interaction`: the 2x2 interaction (rag+ft - rag) - (ft - base) with its CI;
-- :func:`bradley_terry`: ratings from pairwise votes (ties count half), bootstrap CIs, and an
-  estimate of how many more votes would separate the top two.
+- :func:`bradley_terry`: ratings from pairwise votes (ties count half) with a prior on the strengths,
+  credible intervals that stay wide at small counts, a minimum vote count before the top two are called
+  separated, and an estimate of how many more votes that would take.
 """
 
 from __future__ import annotations
@@ -80,70 +81,101 @@ def interaction(base: Sequence[float], rag: Sequence[float], ft: Sequence[float]
             "ft_effect_with_rag": float(np.mean(np.asarray(rag_ft, float) - np.asarray(rag, float)))}
 
 
-def _fit_bt(players: list[str], wins: np.ndarray, iterations: int = 500) -> np.ndarray:
-    """Bradley-Terry strengths by Hunter's (2004) MM algorithm; ``wins[i, j]`` = i beat j (ties as 0.5)."""
-    n = len(players)
+MIN_VOTES_TO_SEPARATE = 20  # below this many votes the leaderboard never claims the top two are separated
+PRIOR_SD = 1.0  # prior sd of a log-strength (natural log): ~174 rating points, so one vote moves little
+
+
+def _tally(players: list[str], votes: list[tuple[str, str, str]]) -> np.ndarray:
+    """``wins[i, j]`` = times i beat j; a tie or "both bad" counts half a win each way."""
+    index = {p: i for i, p in enumerate(players)}
+    wins = np.zeros((len(players), len(players)))
+    for a, b, outcome in votes:
+        i, j = index[a], index[b]
+        if outcome == "a":
+            wins[i, j] += 1
+        elif outcome == "b":
+            wins[j, i] += 1
+        else:
+            wins[i, j] += 0.5
+            wins[j, i] += 0.5
+    return wins
+
+
+def _fit_bt(wins: np.ndarray, prior_sd: float = PRIOR_SD, iterations: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """Bayesian Bradley-Terry: the posterior mode of log-strengths ``theta`` under a N(0, prior_sd^2) prior
+    (Newton's method; the log posterior is strictly concave) and its Laplace covariance.
+
+    The prior is what keeps one vote from producing an infinite or zero-width rating: with a bootstrap
+    and no prior, a single vote resamples to itself every time and gives intervals like [1131, 1131]."""
+    n = wins.shape[0]
     games = wins + wins.T
-    strength = np.ones(n)
-    total_wins = wins.sum(axis=1) + 0.5  # a half-win prior keeps unbeaten/winless players finite
+    theta = np.zeros(n)
+    precision = np.eye(n) / prior_sd**2
     for _ in range(iterations):
-        denom = np.array([sum(games[i, j] / (strength[i] + strength[j]) for j in range(n) if j != i and games[i, j])
-                          for i in range(n)])
-        denom += 1.0 / (strength + 1.0)  # the prior's virtual game against a strength-1 opponent
-        updated = total_wins / np.maximum(denom, 1e-12)
-        updated /= np.exp(np.mean(np.log(updated)))
-        if np.max(np.abs(updated - strength)) < 1e-9:
-            strength = updated
+        p = 1.0 / (1.0 + np.exp(-(theta[:, None] - theta[None, :])))  # p[i, j] = P(i beats j)
+        grad = (wins - games * p).sum(axis=1) - theta / prior_sd**2
+        w = games * p * (1 - p)
+        hessian = w - np.diag(w.sum(axis=1)) - precision  # negative definite
+        step = np.linalg.solve(hessian, grad)
+        theta = theta - step
+        if np.max(np.abs(step)) < 1e-10:
             break
-        strength = updated
-    return strength
+    p = 1.0 / (1.0 + np.exp(-(theta[:, None] - theta[None, :])))
+    w = games * p * (1 - p)
+    covariance = np.linalg.inv(np.diag(w.sum(axis=1)) - w + precision)
+    # Only differences are identified by votes (the common level only by the prior): report each rating
+    # relative to the mean of all arms, so intervals shrink with votes (theta already sums to zero).
+    centre = np.eye(n) - 1.0 / n
+    return theta, centre @ covariance @ centre
 
 
-def bradley_terry(votes: list[tuple[str, str, str]], n_boot: int = 300, seed: int = 0,
-                  scale: float = 400.0, anchor: float = 1000.0) -> dict:
+def bradley_terry(votes: list[tuple[str, str, str]], scale: float = 400.0, anchor: float = 1000.0,
+                  min_votes: int = MIN_VOTES_TO_SEPARATE, prior_sd: float = PRIOR_SD, confidence: float = 0.95) -> dict:
     """Ratings from votes ``(a, b, outcome)`` with outcome in {"a", "b", "tie", "both_bad"}.
 
-    Ratings are on an Elo-like scale (``anchor + scale * log10(strength)``). ``both_bad`` counts as a
-    tie. Returns ratings with bootstrap CIs, sorted best first, and ``votes_to_separate``: roughly
-    how many more votes (at the current rate of this pair's outcomes) would make the top two's CIs
-    stop overlapping, by the 1/sqrt(n) shrinkage of the interval.
+    Ratings are on an Elo-like scale (``anchor + scale * log10(strength)``), the posterior mode of a
+    Bradley-Terry model with a normal prior on log-strengths, with 95% credible intervals from the
+    Laplace approximation (never zero-width, wide at small counts). ``separated`` is True only when
+    there are at least ``min_votes`` votes and the top two's difference excludes zero at the same level;
+    ``votes_to_separate`` is roughly how many more votes that would take (by the 1/sqrt(n) shrinkage of
+    the interval at the current gap, and at least up to ``min_votes``); None when the top two are tied.
     """
     players = sorted({p for a, b, _ in votes for p in (a, b)})
     if len(players) < 2:
-        return {"ratings": [], "votes": len(votes), "votes_to_separate": None}
-    index = {p: i for i, p in enumerate(players)}
-
-    def tally(sample: list[tuple[str, str, str]]) -> np.ndarray:
-        wins = np.zeros((len(players), len(players)))
-        for a, b, outcome in sample:
-            i, j = index[a], index[b]
-            if outcome == "a":
-                wins[i, j] += 1
-            elif outcome == "b":
-                wins[j, i] += 1
-            else:
-                wins[i, j] += 0.5
-                wins[j, i] += 0.5
-        return wins
-
-    def ratings(sample) -> np.ndarray:
-        return anchor + scale * np.log10(_fit_bt(players, tally(sample)))
-
-    point = ratings(votes)
-    rng = np.random.default_rng(seed)
-    boots = np.array([ratings([votes[i] for i in rng.integers(0, len(votes), len(votes))]) for _ in range(n_boot)])
-    low, high = np.quantile(boots, 0.025, axis=0), np.quantile(boots, 0.975, axis=0)
-    order = np.argsort(-point)
-    table = [{"arm": players[i], "rating": float(point[i]), "ci_low": float(low[i]), "ci_high": float(high[i]),
+        return {"ratings": [], "votes": len(votes), "votes_to_separate": None, "separated": False,
+                "min_votes": min_votes}
+    theta, cov = _fit_bt(_tally(players, votes), prior_sd)
+    z = _normal_quantile(0.5 + confidence / 2)
+    to_rating = scale / math.log(10)  # natural-log strength -> rating points
+    sd = np.sqrt(np.diag(cov))
+    order = np.argsort(-theta, kind="stable")
+    table = [{"arm": players[i], "rating": float(anchor + to_rating * theta[i]),
+              "ci_low": float(anchor + to_rating * (theta[i] - z * sd[i])),
+              "ci_high": float(anchor + to_rating * (theta[i] + z * sd[i])),
               "votes": int(sum(1 for a, b, _ in votes if players[i] in (a, b)))} for i in order]
     top, second = order[0], order[1]
-    gap = point[top] - point[second]
-    diffs = boots[:, top] - boots[:, second]
-    half_width = (np.quantile(diffs, 0.975) - np.quantile(diffs, 0.025)) / 2
-    if gap <= 0:
+    gap = float(theta[top] - theta[second])
+    gap_sd = math.sqrt(max(cov[top, top] + cov[second, second] - 2 * cov[top, second], 1e-18))
+    separated = len(votes) >= min_votes and gap > z * gap_sd
+    if separated:
+        more: int | None = 0
+    elif gap <= 1e-9:
         more = None
-    elif half_width < gap:
-        more = 0
     else:
-        more = int(math.ceil(len(votes) * ((half_width / gap) ** 2 - 1)))
-    return {"ratings": table, "votes": len(votes), "votes_to_separate": more}
+        needed = len(votes) * ((z * gap_sd / gap) ** 2 - 1)
+        more = max(int(math.ceil(needed)), min_votes - len(votes), 1)
+    return {"ratings": table, "votes": len(votes), "votes_to_separate": more, "separated": separated,
+            "min_votes": min_votes, "gap": gap * to_rating, "gap_ci": (float((gap - z * gap_sd) * to_rating),
+                                                                       float((gap + z * gap_sd) * to_rating))}
+
+
+def _normal_quantile(q: float) -> float:
+    """Inverse standard normal CDF (bisection on erf; exact enough for interval widths)."""
+    lo, hi = -10.0, 10.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if 0.5 * (1 + math.erf(mid / math.sqrt(2))) < q:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2

@@ -19,14 +19,14 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, EarlyStoppingCallback, Trainer, set_seed
 
-from core.workspace import Layout, ragtune_home
+from core.workspace import ragtune_home
 from tuning.adapters import adapter_dir, file_sha256, get_adapter, load_for_inference, write_manifest
 from tuning.config import TuneConfig, resolved_dict
 from tuning.data import load_records, split_records
 from tuning.errors import DataError, ModelError
 from tuning.models import load_tokenizer, pick_device, resolve_base_model, weights_hash
 from tuning.training import (JsonlLog, ListDataset, LogCallback, apply_method, check_adapter_slot, parameter_counts,
-                             prepare_run_dir, publish_folder, set_threads, staging_dir, training_arguments)
+                             prepare_run_dir, publish_folder, run_folder, write_run_info, set_threads, staging_dir, training_arguments)
 
 
 def accuracy_and_macro_f1(predictions: np.ndarray, labels: np.ndarray, num_labels: int) -> dict[str, float]:
@@ -46,8 +46,8 @@ def train(config: TuneConfig, home: str | Path | None = None, echo=print) -> dic
     started = time.time()
     home = ragtune_home(home)
     out_dir = adapter_dir(home, config.name)
-    run_dir = Layout(home).run_dir(config.name)
     check_adapter_slot(out_dir, config)
+    run_dir = run_folder(home, config.name, config.resume)  # runs/<name>/<run-id>/
     resume_from = prepare_run_dir(run_dir, config.resume)
     threads = set_threads(config.threads)
     set_seed(config.seed)
@@ -74,6 +74,8 @@ def train(config: TuneConfig, home: str | Path | None = None, echo=print) -> dic
 
     # 2. tokenizer and encoded rows (truncated to max_seq_len: classification needs no answer tail)
     base = resolve_base_model(config.base_model, home)
+    write_run_info(run_dir, config, base, resume_from)
+    runlog.write("run", name=config.name, run_id=run_dir.name, resumed_from=Path(resume_from).name if resume_from else None)
     tokenizer = load_tokenizer(base)
 
     def encode(rs):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from transformers import EarlyStoppingCallback, set_seed
 
-from core.workspace import Layout, ragtune_home
+from core.workspace import ragtune_home
 from tuning import attention, forgetting
 from tuning.adapters import adapter_dir, file_sha256, write_manifest
 from tuning.config import TuneConfig, resolved_dict
@@ -35,7 +35,7 @@ from tuning.errors import DataError
 from tuning.mixing import MixtureSampler, Schedule
 from tuning.models import load_causal_lm, load_tokenizer, pick_device, resolve_base_model, training_precision, weights_hash
 from tuning.training import (JsonlLog, ListDataset, LogCallback, SFTTrainer, apply_method, check_adapter_slot,
-                             parameter_counts, prepare_run_dir, publish_folder, set_threads, staging_dir,
+                             parameter_counts, prepare_run_dir, publish_folder, run_folder, write_run_info, set_threads, staging_dir,
                              total_draws, training_arguments)
 
 log = logging.getLogger("ragtune.tuning")
@@ -47,10 +47,10 @@ def train(config: TuneConfig, home: str | Path | None = None, echo=print) -> dic
     started = time.time()
     home = ragtune_home(home)
     out_dir = adapter_dir(home, config.name)
-    run_dir = Layout(home).run_dir(config.name)
     device, _dtype = pick_device(config.device)
     precision = training_precision(config.precision, device)
     check_adapter_slot(out_dir, config)
+    run_dir = run_folder(home, config.name, config.resume)  # runs/<name>/<run-id>/
     resume_from = prepare_run_dir(run_dir, config.resume)
     threads = set_threads(config.threads)
     set_seed(config.seed)
@@ -67,6 +67,8 @@ def train(config: TuneConfig, home: str | Path | None = None, echo=print) -> dic
 
     # 2. tokenizer: chat template rendering, loss only on replies + EOS, over-long policy counted
     base = resolve_base_model(config.base_model, home)
+    write_run_info(run_dir, config, base, resume_from)
+    runlog.write("run", name=config.name, run_id=run_dir.name, resumed_from=Path(resume_from).name if resume_from else None)
     tokenizer = load_tokenizer(base)
     ensure_chat_template(tokenizer)
     train_rows, train_stats = tokenize_records(tokenizer, train_records, config.max_seq_len, config.overlong)
