@@ -271,7 +271,7 @@ class LocalGenerator:
             return f"adapter {name!r} is a {task} model, not a chat model; pick an sft adapter"
         if method == "full":
             return (f"adapter {name!r} is a full fine-tune (a whole model), which cannot be switched on a shared base; "
-                    f"serve it as its own base: base_model={self.home / 'adapters' / str(name)}")
+                    f"serve it as its own base: base_model=<RAGTUNE_HOME>/adapters/{name}")  # no absolute path: HTTP clients see this
         if base_id and base_id != self.base_id:
             return (f"adapter {name!r} was trained on {base_id}, but this assistant runs {self.base_id}; "
                     f"start it with base_model={base_id} or retrain the adapter on {self.base_id}")
