@@ -5,16 +5,14 @@ import time
 
 import streamlit as st
 
-from core.config import ConfigError
 from serving import webapp
 from serving.ab.runner import ARMS
-from serving.config import ServingError
 
 home = str(webapp.app_home())
 if webapp.password_required(home) and not st.session_state.get("authenticated"):
     st.stop()  # the entry script asks for the password; this guards a page run on its own
 state = st.session_state
-ERRORS = (ValueError, ServingError, ConfigError)
+ERRORS = webapp.USER_ERRORS
 
 st.title("A/B testing")
 assistant = webapp.engine(home).wait()  # streamlit_app.py shows the loading progress first

@@ -5,16 +5,13 @@ import time
 
 import streamlit as st
 
-from rag.collection import CollectionError
-from core.config import ConfigError
-from rag.documents import SUPPORTED_SUFFIXES
 from serving import webapp
 
 home = str(webapp.app_home())
 if webapp.password_required(home) and not st.session_state.get("authenticated"):
     st.stop()  # the entry script asks for the password; this guards a page run on its own
 state = st.session_state
-ERRORS = (CollectionError, ConfigError, ValueError)  # core.names.InvalidName is a ValueError
+ERRORS = webapp.USER_ERRORS
 
 st.title("Collections")
 table = st.container()  # filled last, so a collection made by this run shows at once
@@ -43,7 +40,7 @@ with add_tab:
     # the collection field is outside the form and keyed, so it keeps what the user typed after an upload
     target = st.text_input("Collection (new or existing)", key="upload_collection")
     with st.form("upload", clear_on_submit=True):
-        files = st.file_uploader("Documents", accept_multiple_files=True, type=[s.lstrip(".") for s in SUPPORTED_SUFFIXES])
+        files = st.file_uploader("Documents", accept_multiple_files=True, type=webapp.UPLOAD_TYPES)
         submitted = st.form_submit_button("Upload and index")
     if submitted:
         try:

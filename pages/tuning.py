@@ -3,9 +3,8 @@ readable log live; stop, resume, or keep a stopped run's checkpoint as an adapte
 
 import streamlit as st
 
-from core.config import ConfigError, parse_overrides
+from core.config import parse_overrides
 from serving import tune_jobs, webapp
-from tuning.errors import TuningError
 
 home = str(webapp.app_home())
 if webapp.password_required(home) and not st.session_state.get("authenticated"):
@@ -13,7 +12,7 @@ if webapp.password_required(home) and not st.session_state.get("authenticated"):
 store = webapp.chat_store(home)
 jobs = tune_jobs.job_registry()
 state = st.session_state
-ERRORS = (ConfigError, TuningError, ValueError)
+ERRORS = webapp.USER_ERRORS
 
 st.title("Tuning")
 with st.form("tune"):

@@ -36,6 +36,15 @@ import yaml
 from core.names import InvalidName, check_name, child_path, within_roots
 from core.config import ConfigError, field, load_config
 from core.workspace import Layout, ragtune_home
+from rag.collection import CollectionError
+from rag.documents import SUPPORTED_SUFFIXES
+from serving.config import ServingError
+from tuning.errors import TuningError
+
+# What a page shows as a one-line error instead of a traceback (core's ConfigError and InvalidName are
+# ValueErrors). The pages take these from here so that they import nothing below serving.
+USER_ERRORS = (ValueError, CollectionError, TuningError, ServingError)
+UPLOAD_TYPES = [suffix.lstrip(".") for suffix in SUPPORTED_SUFFIXES]
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_COLLECTION = "corvida"
