@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import re
 import sqlite3
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
+
+from rag.search import Hit
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])|\n+")
 
@@ -39,23 +41,6 @@ class Sentence:
     bm25: float = 0.0
     score: float = 0.0
     coverage: float = 0.0  # share of the question's terms found in the sentence
-
-
-@dataclass
-class EvidenceHit:
-    """A retrieved span as put into the prompt (the fields of :class:`rag.search.Hit` the prompt uses)."""
-
-    chunk_id: int
-    doc: str
-    text: str
-    start: int
-    end: int
-    score: float
-    metadata: dict[str, Any] = field(default_factory=dict)
-    similarity: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 def split_sentences(text: str) -> list[tuple[int, int]]:
@@ -145,7 +130,7 @@ def support_score(ranked: Sequence[Sentence], hits: Sequence[Any] = ()) -> float
 
 
 def evidence_sources(hits: Sequence[Any], ranked: Sequence[Sentence], n: int, window_tokens: int,
-                     count: Callable[[str], int]) -> list[EvidenceHit]:
+                     count: Callable[[str], int]) -> list[Hit]:
     """The best ``n`` sentences (overlaps merged), each widened with the sentences around it in its chunk
     while it stays within ``window_tokens``; exact document offsets kept."""
     chosen: list[tuple[int, int, int, float]] = []  # hit index, start, end (in hit text), score
@@ -176,9 +161,9 @@ def evidence_sources(hits: Sequence[Any], ranked: Sequence[Sentence], n: int, wi
     out = []
     for h, a, b, score in chosen:
         hit = hits[h]
-        out.append(EvidenceHit(hit.chunk_id, hit.doc, hit.text[a:b], hit.start + a, hit.start + a + (b - a),
+        out.append(Hit(hit.chunk_id, hit.doc, hit.text[a:b], hit.start + a, hit.start + a + (b - a),
                                score, dict(hit.metadata or {}), getattr(hit, "similarity", None)))
     return out
 
 
-__all__ = ["Sentence", "EvidenceHit", "split_sentences", "rank_sentences", "support_score", "evidence_sources"]
+__all__ = ["Sentence", "split_sentences", "rank_sentences", "support_score", "evidence_sources"]

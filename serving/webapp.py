@@ -35,6 +35,7 @@ import yaml
 
 from core.names import InvalidName, check_name, child_path, within_roots
 from core.config import ConfigError, field, load_config
+from core.progress import format_duration
 from core.workspace import Layout, ragtune_home
 from rag.collection import CollectionError
 from rag.documents import SUPPORTED_SUFFIXES
@@ -620,16 +621,6 @@ def timings_caption(timings: dict[str, Any]) -> str:
         parts.append(f"total {timings['total_s']:.1f} s")
     return " · ".join(parts)
 
-
-def format_duration(seconds: float | None) -> str:
-    if seconds is None or seconds != seconds or seconds < 0:
-        return "?"
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
 
 
 def eta_text(done: int, total: int, started: float, now: float | None = None) -> str:

@@ -247,7 +247,8 @@ def test_view_helpers(tmp_path):
     assert sources_label({"sources": [source], "refused": True}).startswith("Closest matches (1)")
     assert sources_label({"sources": [source, {**source, "cited": True}]}) == "Sources: 1 cited of 2"
     assert sources_label({"sources": []}) is None
-    from tuning.training import format_duration, readable_line
+    from core.progress import format_duration
+    from tuning.training import readable_line
 
     assert readable_line({"event": "data", "train": 5, "time": 0}).endswith("data: 5 training rows")  # classification
     assert readable_line({"event": "data", "train": {"kept": 9}, "time": 0}).endswith("data: 9 training rows")  # sft

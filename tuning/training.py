@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
+from core.progress import format_duration
 from tuning import attention
 from tuning.config import TuneConfig
 from tuning.errors import TuningError
@@ -231,17 +232,6 @@ class JsonlLog:
                 found = {k: v for k, v in row.items() if k not in ("event", "time")}
         return found
 
-
-def format_duration(seconds: float | None) -> str:
-    """``95`` -> ``1m35s``; ``4000`` -> ``1h06m``; None -> ``?``."""
-    if seconds is None or not math.isfinite(seconds) or seconds < 0:
-        return "?"
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
 
 
 def readable_line(row: dict[str, Any]) -> str | None:
