@@ -51,7 +51,7 @@ log = logging.getLogger("ragtune.server")
 MAX_TEXT_CHARS = 65_536  # one message's content, or a completion prompt
 MAX_MESSAGES = 256
 MAX_TOKENS = 4096
-MAX_STOPS = 4
+MAX_STOPS = 16  # OpenAI allows 4; ragtune's own client sends the assistant's stop strings (9), vLLM has no cap
 _END = object()
 
 

@@ -213,7 +213,7 @@ BAD_BODIES = [
     ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 10 ** 6}, "max_tokens"), ({"max_tokens": True}, "max_tokens"),
     ({"max_completion_tokens": -3}, "max_completion_tokens"), ({"n": 3}, "n"),
     ({"model": 5}, "model"), ({"model": ["alpha"]}, "model"), ({"model": {"name": "alpha"}}, "model"),
-    ({"model": "x" * 300}, "model"), ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"stop": 7}, "stop"),
+    ({"model": "x" * 300}, "model"), ({"stop": [chr(97 + i) for i in range(17)]}, "stop"), ({"stop": 7}, "stop"),
     ({"stream": "yes"}, "stream"), ({"logit_bias": {"1": 5}}, "logit_bias"),
     ({"messages": []}, "messages"), ({"messages": "hello"}, "messages"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "role"), ({"messages": [{"role": "user"}]}, "content"),

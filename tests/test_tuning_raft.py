@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -153,7 +154,8 @@ def test_abstention_rows_target_the_refusal_and_their_labels_cover_it(raft_setup
     tune(None, [f"data={path}", "name=abstain", "max_steps=2", "batch_size=2", "max_seq_len=1024", "logging_steps=1",
                 "val_share=0", "forgetting_probe=false", "progress=false", "threads=1"], home=tune_home, echo=lambda *_: None)
     assert (tune_home / "adapters" / "abstain" / "adapter_model.safetensors").exists()
-    events = [json.loads(line) for line in (tune_home / "runs" / "abstain" / "log.jsonl").read_text().splitlines()]
+    manifest = json.loads((tune_home / "adapters" / "abstain" / "ragtune.json").read_text())
+    events = [json.loads(line) for line in (Path(manifest["run_dir"]) / "log.jsonl").read_text().splitlines()]
     losses = [e["loss"] for e in events if e["event"] == "train" and "loss" in e]
     assert losses and all(0 < x < 20 for x in losses)
     with pytest.raises(RaftError, match="abstain-share"):
