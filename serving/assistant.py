@@ -213,8 +213,7 @@ class Assistant:
                 self.workspace.get(name).search("warm up", k=1)
             except Exception:  # an empty or broken collection must not stop the app from starting
                 pass
-        if hasattr(self.generator, "render"):
-            "".join(self.generator.stream([{"role": "user", "content": "Hi"}], params=GenerationParams(max_new_tokens=1)))
+        self.generator.warm_up()
 
     # --- checks -------------------------------------------------------------------------------
     def check(self, question: str, mode: str, collection: str | None, adapter: str | None) -> None:
@@ -313,7 +312,7 @@ class Assistant:
         answer.sources = [self._source(n, h) for n, h in enumerate(hits[:plan.sources_used], start=1)]
         rag = uses_retrieval(mode)
         constraint, maps = None, []
-        local = hasattr(self.generator, "tokenizer")
+        local = self.generator.local_decoding
         if rag and (cfg.grounded or cfg.cad_alpha > 0) and not local:
             answer.notes.append("grounded and context-aware decoding need the local backend; decoded plainly")
         if rag and cfg.grounded and local:

@@ -371,7 +371,8 @@ def serve_cmd(
     if warning:  # before the model loads, so it is the first thing an operator sees
         typer.echo(warning, err=True)
     try:
-        generator = LocalGenerator(cfg.base_model, ragtune_home(home), quantize=cfg.quantize, device=cfg.device, threads=cfg.threads)
+        generator = LocalGenerator(cfg.base_model, ragtune_home(home), quantize=cfg.quantize, device=cfg.device,
+                                   threads=cfg.threads, max_batch_rows=cfg.max_batch_rows, kv_cache_tokens=cfg.kv_cache_tokens)
     except ServingError as exc:
         fail(str(exc))
     try:

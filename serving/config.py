@@ -25,6 +25,11 @@ class ServeConfig:
     quantize: Literal["auto", "int8", "none"] = field("auto", help="int8: dynamic int8 linear layers (CPU, ~2x faster decoding, slightly different text); auto = int8 on CPU, none on GPU")
     device: Literal["auto", "cpu", "cuda"] = field("auto", help="where the local model runs")
     threads: int = field(0, help="CPU threads for torch (0 = leave torch's default)")
+    max_batch_rows: int = field(16, help="local engine: most rows decoded together (a request with context-aware "
+                                         "decoding takes two); more requests wait for a free row")
+    kv_cache_tokens: int = field(32768, help="local engine: bound on the batch's KV cache in tokens (rows x longest "
+                                             "prompt + answer; ~46 KB each for SmolLM2-135M); a request that does not "
+                                             "fit waits, one that could never fit is refused")
     k: int = field(4, help="retrieved chunks put into the prompt in rag modes")
     search_mode: Literal["hybrid", "dense", "bm25"] = field("hybrid", help="retrieval: hybrid (dense + BM25 fused), dense or bm25")
     min_similarity: float = field(0.25, help="if the best retrieved chunk's cosine similarity to the question is below this, say 'I don't know' instead of answering")
@@ -81,6 +86,10 @@ class ServeConfig:
             raise ConfigError("abstain_threshold: use 0 (off) or a score in (0, 1] (example: abstain_threshold=0.4)")
         if not self.refusal_text.strip():
             raise ConfigError("refusal_text: must not be empty (example: refusal_text='The sources do not say.')")
+        if not 1 <= self.max_batch_rows <= 256:
+            raise ConfigError("max_batch_rows: use 1-256 (example: max_batch_rows=16)")
+        if self.kv_cache_tokens < 512:
+            raise ConfigError("kv_cache_tokens: must be >= 512 (example: kv_cache_tokens=32768)")
         if self.history_turns < 0 or self.max_question_chars < 1:
             raise ConfigError("history_turns must be >= 0 and max_question_chars >= 1")
 

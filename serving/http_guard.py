@@ -45,7 +45,8 @@ class ServerLimits:
     """Limits of one server; every one has a default that is safe on a workstation."""
 
     max_body_bytes: int = field(MAX_BODY_BYTES, help="largest request body in bytes; a larger one gets 413 before it is read")
-    max_concurrent: int = field(8, help="requests generating at once; one more gets 429 with Retry-After at once (no queue)")
+    max_concurrent: int = field(32, help="requests in the engine at once (decoded together in one batch, up to the engine's "
+                                         "max_batch_rows; the rest wait there); one more gets 429 with Retry-After at once")
     max_connections: int = field(64, help="open TCP connections; one more gets 503 and is closed")
     keep_alive_s: int = field(5, help="an idle keep-alive connection is closed after this many seconds")
     header_timeout_s: float = field(10.0, help="a request's headers must arrive complete within this many seconds")

@@ -202,14 +202,16 @@ class Slot:
 class _SlotStreamingResponse(StreamingResponse):
     """A streamed response that frees its slot however it ends: completed, failed or client gone."""
 
-    def __init__(self, content: Any, slot: Slot, **kwargs: Any) -> None:
+    def __init__(self, content: Any, slot: Slot, tokens: Any, **kwargs: Any) -> None:
         super().__init__(content, **kwargs)
         self._slot = slot
+        self._tokens = tokens
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
+            self._tokens.close()  # a client gone mid-answer: the engine drops its row at the next step
             self._slot.release()
 
 
@@ -301,7 +303,7 @@ async def _generate(service: _Service, req: _Sampling, start: Callable[[Optional
                                  "model": model, "choices": [choice], "usage": _usage(tokens)})
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         events = _events(service, tokens, rid, created, model, chat, include_usage)
-        response = _SlotStreamingResponse(events, slot, media_type="text/event-stream",
+        response = _SlotStreamingResponse(events, slot, tokens, media_type="text/event-stream",
                                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         slot = None  # the response frees it when the stream ends
         return response

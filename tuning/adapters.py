@@ -93,6 +93,25 @@ def list_adapters(home: Path) -> list[dict[str, Any]]:
     return out
 
 
+def serving_incompatibility(name: str, task: str | None, method: str | None, trained_on: str | None,
+                            trained_sha: str | None, base_id: str, base_sha: str | None) -> str | None:
+    """Why adapter ``name`` cannot be served on base ``base_id`` (weights hash ``base_sha``), or None.
+
+    The message never holds an absolute path: HTTP clients see it."""
+    if task not in (None, "sft", "dpo"):
+        return f"adapter {name!r} is a {task} model, not a chat model; pick an sft adapter"
+    if method == "full":
+        return (f"adapter {name!r} is a full fine-tune (a whole model), which cannot be switched on a shared base; "
+                f"serve it as its own base: base_model=<RAGTUNE_HOME>/adapters/{name}")
+    if trained_on and trained_on != base_id:
+        return (f"adapter {name!r} was trained on {trained_on}, but this assistant runs {base_id}; "
+                f"start it with base_model={trained_on} or retrain the adapter on {base_id}")
+    if trained_sha and base_sha and trained_sha != base_sha:
+        return (f"adapter {name!r} was trained on other weights of {trained_on} (hash differs); "
+                "retrain it on this base model")
+    return None
+
+
 def remove_adapter(home: Path, name: str) -> Path:
     folder, _ = get_adapter(home, name)
     # rename first (atomic): a reader never sees half an adapter, and a crash leaves a hidden folder

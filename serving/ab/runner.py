@@ -99,8 +99,7 @@ def prompt_hash(assistant: Any) -> str:
 def adapter_identity(assistant: Any, adapter: str | None) -> str | None:
     if not adapter:
         return None
-    checked = assistant.generator.check_adapter(adapter)
-    manifest = checked[1] if isinstance(checked, tuple) else {}
+    manifest = assistant.generator.check_adapter(adapter)
     return f"{adapter}:{hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()[:16]}"
 
 

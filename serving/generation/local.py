@@ -1,0 +1,290 @@
+"""The local engine: one base model in this process, any number of LoRA adapters, every caller batched.
+
+:class:`LocalGenerator` loads the base model once (``tuning.models``), quantizes its linear layers to
+int8 on CPU (``serving.generation.int8``), loads peft adapters by name from the registry on first use,
+and hands every request to one :class:`~serving.generation.scheduler.BatchScheduler`: the chat, ``ragtune
+ask``, the A/B runner, the arena and ``ragtune serve`` share one batch in which each row has its own
+adapter (or none), its own sampling settings and its own logits processors.
+
+Why our own decode loop instead of ``model.generate`` + ``TextIteratorStreamer``: ``generate`` holds the
+model (and one adapter choice) for a whole answer, so concurrent users take turns; it also applies the
+repetition penalty to the prompt, which in RAG modes pushes the model away from copying its sources;
+and stop strings must be held back while they may still be forming. The sampling pieces themselves are
+transformers' logits processors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from serving.config import ServingError
+from serving.generation.int8 import quantize_int8
+from serving.generation.scheduler import BASE_ROW, BatchScheduler, Request, read_pieces
+from serving.generation.types import GenerationParams, TokenStream
+
+DEFAULT_MAX_ROWS = 16
+DEFAULT_KV_CACHE_TOKENS = 32768  # ~1.5 GB of fp32 KV for SmolLM2-135M (46 KB per token)
+
+
+@dataclass
+class LoadedAdapter:
+    name: str
+    key: str  # peft adapter name (module dict keys cannot contain '.')
+    folder: str
+    created: str | None
+    loaded_s: float
+
+
+class LocalGenerator:
+    """The base model loaded once; adapters from ``<home>/adapters/`` loaded on first use and mixed per row
+    in one batch. Thread-safe: any number of threads may stream at once."""
+
+    backend = "local"
+    supports_adapters = True
+    local_decoding = True  # grounded and context-aware decoding run here
+
+    def __init__(self, base_model: str = "smollm2-135m-instruct", home: str | os.PathLike | None = None,
+                 quantize: str = "auto", device: str = "auto", threads: int = 0, max_batch_rows: int = DEFAULT_MAX_ROWS,
+                 kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS) -> None:
+        import torch
+
+        from core.workspace import ragtune_home
+        from tuning.errors import TuningError
+        from tuning.models import load_causal_lm, load_tokenizer, pick_device, resolve_base_model, weights_hash
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.home = ragtune_home(home)
+        try:
+            self.base = resolve_base_model(base_model, self.home)
+            self.tokenizer = load_tokenizer(self.base)
+            self.model = load_causal_lm(self.base, device=device, for_training=False)
+        except TuningError as exc:
+            raise ServingError(str(exc)) from None
+        self.device, _ = pick_device(device)
+        self.model.eval()
+        self.model.requires_grad_(False)
+        self.base_id = self.base.id
+        self.base_sha256 = weights_hash(self.base)
+        self.quantize = ("int8" if self.device == "cpu" else "none") if quantize == "auto" else quantize
+        if self.quantize == "int8":
+            if self.device != "cpu":
+                raise ServingError("quantize=int8 is for CPU serving; on a GPU use quantize=none (or auto)")
+            quantize_int8(self.model)
+        from serving.generation import attention
+
+        attention.install(self.model)
+        self._row_lengths = attention.row_lengths
+        if not getattr(self.tokenizer, "chat_template", None):
+            from tuning.data import ensure_chat_template
+
+            ensure_chat_template(self.tokenizer)
+        config = self.model.config
+        self.context_window = int(getattr(config, "max_position_embeddings", 2048) or 2048)
+        eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            eos_ids.add(self.tokenizer.eos_token_id)
+        self.eos_ids = eos_ids
+        self._lock = threading.RLock()  # the model: the engine holds it per step, adapter loading per load
+        self._peft = None  # the PeftModel once an adapter is loaded
+        self._adapters: dict[str, LoadedAdapter] = {}
+        self._stale: set[str] = set()  # peft keys of replaced adapters, deleted once no row uses them
+        self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        self._prefix_ids: dict[str, tuple[int, ...]] = {}
+        self.name = self.base_id
+        self.engine = BatchScheduler(self._forward, self._new_cache, self._decode_text, self.eos_ids, self._lock,
+                                     self.device, max_batch_rows, kv_cache_tokens, self._drop_stale)
+
+    # --- adapters -----------------------------------------------------------------------------
+    def available_adapters(self) -> list[dict[str, Any]]:
+        """Adapters in the registry, each with ``usable`` and, when not, ``why``."""
+        from tuning.adapters import list_adapters, serving_incompatibility
+
+        out = []
+        for a in list_adapters(self.home):
+            why = a.get("error") or serving_incompatibility(a.get("name"), a.get("task"), a.get("method"),
+                                                            a.get("base_model"), None, self.base_id, self.base_sha256)
+            out.append({**a, "usable": not why, "why": why})
+        return out
+
+    def _resolve_adapter(self, name: str) -> tuple[Path, dict[str, Any]]:
+        from core.names import InvalidName
+        from tuning.adapters import get_adapter, serving_incompatibility
+        from tuning.errors import TuningError
+
+        try:
+            folder, manifest = get_adapter(self.home, name)
+        except (TuningError, InvalidName) as exc:
+            raise ServingError(str(exc)) from None
+        base = manifest.get("base_model") or {}
+        why = serving_incompatibility(name, manifest.get("task", "sft"), manifest.get("method"), base.get("id"),
+                                      base.get("sha256"), self.base_id, self.base_sha256)
+        if why:
+            raise ServingError(why)
+        return folder, manifest
+
+    def check_adapter(self, name: str) -> dict[str, Any]:
+        """The manifest of adapter ``name`` if this engine can serve it; else a one-line ServingError."""
+        return self._resolve_adapter(name)[1]
+
+    def load_adapter(self, name: str) -> LoadedAdapter:
+        """Load (or reload, when retrained since) adapter ``name``; returns its record."""
+        folder, manifest = self._resolve_adapter(name)
+        created = manifest.get("created")
+        with self._lock:
+            loaded = self._adapters.get(name)
+            if loaded is not None and loaded.created == created:
+                return loaded
+            started = time.perf_counter()
+            key = "a_" + hashlib.sha1(f"{name}\0{created}".encode()).hexdigest()[:12]
+            try:
+                if self._peft is None:
+                    from peft import PeftModel
+
+                    self._peft = PeftModel.from_pretrained(self.model, str(folder), adapter_name=key, is_trainable=False)
+                    self._peft.eval()
+                else:
+                    self._peft.load_adapter(str(folder), adapter_name=key, is_trainable=False)
+            except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                raise ServingError(f"adapter {name!r} could not be loaded ({exc}); retrain it or remove it with "
+                                   f"`ragtune adapters rm {name}`") from None
+            self._lora_to_float64(key)
+            if loaded is not None:  # retrained: the old weights go once no running row uses them
+                self._stale.add(loaded.key)
+            record = LoadedAdapter(name, key, str(folder), created, time.perf_counter() - started)
+            self._adapters[name] = record
+            return record
+
+    def _lora_to_float64(self, key: str) -> None:
+        """Keep adapter ``key``'s LoRA matrices in float64 (peft casts each row group to their dtype and the
+        result back). In float32 the tiny LoRA products round differently for 1 row and for a group of rows
+        (other matrix kernels); the int8 layers downstream then quantize a value one step apart and a greedy
+        answer can change with its neighbours. In float64 the difference stays far below float32's last bit.
+        The cost is small: rank-r products on a few rows."""
+        from peft.tuners.lora import LoraLayer
+
+        for module in self.model.modules():
+            if isinstance(module, LoraLayer) and key in module.lora_A:
+                module.lora_A[key].double()
+                module.lora_B[key].double()
+
+    def unload_adapter(self, name: str) -> None:
+        with self._lock:
+            loaded = self._adapters.pop(name, None)
+            if loaded is not None:
+                self._stale.add(loaded.key)
+
+    def loaded_adapters(self) -> list[str]:
+        return sorted(self._adapters)
+
+    def _drop_stale(self, in_use: set[str]) -> None:
+        """Delete replaced adapters that no request uses any more (the engine calls this with the lock held).
+        peft keeps at least one adapter loaded: the last one stays in memory, unused."""
+        if not self._stale or self._peft is None:
+            return
+        for key in sorted(self._stale - in_use):
+            remaining = [k for k in self._peft.peft_config if k != key]
+            if remaining:
+                self._peft.base_model.set_adapter(remaining[0], inference_mode=True)
+                self._peft.delete_adapter(key)
+            self._stale.discard(key)
+
+    # --- tokens -------------------------------------------------------------------------------
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def truncate_tokens(self, text: str, n: int) -> str:
+        ids = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        if len(ids["input_ids"]) <= n:
+            return text
+        return text[: ids["offset_mapping"][n - 1][1]]
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def prefix_len(self, messages: list[dict[str, str]], ids: list[int]) -> int:
+        """How many leading tokens of ``ids`` are the system message alone: what every request with the same
+        system prompt shares (0 when there is none or the template does not render it as a prefix)."""
+        if not messages or messages[0].get("role") != "system":
+            return 0
+        content = messages[0].get("content", "")
+        system = self._prefix_ids.get(content)
+        if system is None:
+            system = tuple(self.render(messages[:1], add_generation_prompt=False))
+            if len(self._prefix_ids) < 64:
+                self._prefix_ids[content] = system
+        return len(system) if tuple(ids[:len(system)]) == system else 0
+
+    def _decode_text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def warm_up(self) -> None:
+        """Run the model once, so the first user does not wait for lazy initialisation."""
+        "".join(self.stream([{"role": "user", "content": "Hi"}], params=GenerationParams(max_new_tokens=1)))
+
+    # --- generation ---------------------------------------------------------------------------
+    def stream(self, messages: list[dict[str, str]], adapter: str | None = None,
+               params: GenerationParams | None = None) -> TokenStream:
+        """Stream a chat reply from the base model (``adapter=None``) or base + ``adapter``."""
+        ids = self.render(messages)
+        params = params or GenerationParams()
+        contrast_prefix = 0
+        if params.contrast_ids is not None:
+            contrast_prefix = self.prefix_len(messages, list(params.contrast_ids))
+        return self._submit(ids, adapter, params, self.prefix_len(messages, ids), contrast_prefix)
+
+    def stream_prompt(self, prompt: str, adapter: str | None = None, params: GenerationParams | None = None) -> TokenStream:
+        """Stream a continuation of a raw prompt (no chat template), for ``/v1/completions``."""
+        return self.stream_ids(self.tokenizer(prompt, add_special_tokens=False)["input_ids"], adapter, params)
+
+    def stream_ids(self, ids: list[int], adapter: str | None = None, params: GenerationParams | None = None) -> TokenStream:
+        return self._submit(list(ids), adapter, params or GenerationParams(), 0, 0)
+
+    def _submit(self, ids: list[int], adapter: str | None, params: GenerationParams, prefix: int,
+                contrast_prefix: int) -> TokenStream:
+        key = self.load_adapter(adapter).key if adapter else BASE_ROW  # errors surface now, not mid-stream
+        if not ids:
+            raise ServingError("empty prompt: send at least one token of text")
+        longest = max(len(ids), len(params.contrast_ids or ()))
+        if longest + params.max_new_tokens > self.context_window:
+            raise ServingError(f"prompt of {longest} tokens + max_new_tokens={params.max_new_tokens} exceeds the model's "
+                               f"{self.context_window}-token window; shorten the question or history, or lower k")
+        stream = TokenStream(iter(()))
+        stream.prompt_tokens = len(ids)
+        request = Request(ids, key, params, stream, prefix, contrast_prefix)
+        self.engine.submit(request)
+        stream._pieces = read_pieces(request)
+        stream.on_close = lambda: self.engine.cancel(request)
+        return stream
+
+    # --- the model, for the engine thread ------------------------------------------------------
+    def _new_cache(self, layers: list | None = None):
+        from transformers import DynamicCache
+
+        return DynamicCache(ddp_cache_data=layers, config=self.model.config)
+
+    def _forward(self, ids, cache, adapters: list[str], mask=None, positions=None):
+        """Last-position logits of ``ids`` (rows x new tokens) continuing ``cache``; one adapter name per row."""
+        kwargs: dict[str, Any] = {self._cache_kw: cache, "use_cache": True, "logits_to_keep": 1}
+        lengths = None
+        if mask is not None:
+            kwargs["attention_mask"], kwargs["position_ids"] = mask, positions
+            lengths = [int(n) + 1 for n in positions[:, 0].tolist()]  # keys per row, the new token included
+        with self._row_lengths(lengths):
+            if self._peft is not None:
+                return self._peft(input_ids=ids, adapter_names=adapters, **kwargs).logits[:, -1, :]
+            return self.model(input_ids=ids, **kwargs).logits[:, -1, :]
+
+
+__all__ = ["LocalGenerator", "LoadedAdapter", "DEFAULT_MAX_ROWS", "DEFAULT_KV_CACHE_TOKENS"]

@@ -1,0 +1,400 @@
+"""Continuous batching for the local engine: requests join the running batch at the next step and leave
+when done, each row with its own adapter, sampling settings, stop strings and logits processors.
+
+Why: decoding on a CPU is bound by reading the weights, so one forward pass over B rows costs little more
+than over one; one model shared by taking turns made the product slower exactly when people used it.
+
+One engine thread owns the model. Each step it does at most one prefill slice (:data:`PREFILL_SLICE`
+tokens of one waiting request, so a long prompt never stalls the decoding rows for more than one slice)
+and one decode step for every running row together.
+
+- Rows are left-padded to a common length inside one ``DynamicCache``; an attention mask hides the
+  padding and each row's positions are its own. A request is prefilled alone (batch of one), then its
+  cache is merged into the batch; rows that finish are dropped and all-padding columns trimmed.
+- Per-row adapters: peft's mixed-batch LoRA (``adapter_names=``: each LoRA layer groups the rows by
+  adapter on top of the shared int8 base); no global "active adapter".
+- Context-aware decoding's question-only prompt is one more row of the same request.
+- The KV bound (``kv_cache_tokens``) is checked on the padded layout: rows x the longest final length.
+  A request that could never fit is refused at once; one that does not fit now waits (``queued_s``).
+- Prefix reuse: the KV of the system prompt (``prefix_len`` tokens) is kept per adapter and copied into
+  each new request with the same prefix instead of being computed again.
+- The int8 layers quantize each row on its own (``serving.generation.int8``), so a row's greedy output
+  does not depend on its neighbours.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import OrderedDict
+from typing import Any, Callable
+
+from serving.config import ServingError
+from serving.generation.types import GenerationParams, StopStringBuffer, TokenStream
+
+PREFILL_SLICE = 256  # prompt tokens per prefill forward pass: bounds how long one request stalls the batch
+BASE_ROW = "__base__"  # peft's adapter name for a row without adapter in a mixed batch
+MIN_PREFIX = 16  # shorter shared prefixes are not worth a cache entry
+PREFIX_ENTRIES = 8
+_END = object()
+
+
+class Sequence:
+    """One row: a prompt and its KV cache (its own while prefilling, then a row of the batch cache)."""
+
+    def __init__(self, ids: list[int], key: str, prefix_len: int) -> None:
+        self.ids = ids
+        self.key = key
+        self.prefix_len = prefix_len if prefix_len >= MIN_PREFIX else 0
+        self.cache: Any = None
+        self.done = 0  # prompt tokens in the cache
+        self.logits: Any = None  # after the last prefill slice
+
+
+class Request:
+    def __init__(self, ids: list[int], key: str, params: GenerationParams, stream: TokenStream,
+                 prefix_len: int, contrast_prefix_len: int) -> None:
+        self.params = params
+        self.stream = stream
+        self.main = Sequence(ids, key, prefix_len)
+        self.contrast = (Sequence(list(params.contrast_ids), key, contrast_prefix_len)
+                         if params.contrast_ids is not None else None)
+        self.out: queue.SimpleQueue = queue.SimpleQueue()
+        self.cancelled = False
+        self.finished = False
+        self.generated: list[int] = []
+        self.next_token: int | None = None
+        self.stops = StopStringBuffer(tuple(params.stop))
+        self.submitted = time.perf_counter()
+
+    @property
+    def sequences(self) -> list[Sequence]:
+        return [self.main] + ([self.contrast] if self.contrast is not None else [])
+
+    @property
+    def final_length(self) -> int:
+        return max(len(s.ids) for s in self.sequences) + self.params.max_new_tokens
+
+
+class Sampler:
+    """The per-row logits processing of one request: context-aware mix, repetition penalty on the generated
+    tokens only (penalising the prompt pushes a RAG answer away from its sources), temperature / top-p,
+    the grounded-decoding constraint, then greedy or seeded sampling. transformers' processors do the work."""
+
+    def __init__(self, params: GenerationParams) -> None:
+        import torch
+        from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                  TopPLogitsWarper)
+
+        self.params = params
+        self.sampling = params.temperature > 0
+        self.warpers = LogitsProcessorList()
+        if self.sampling:
+            self.warpers.append(TemperatureLogitsWarper(params.temperature))
+            if params.top_p < 1.0:
+                self.warpers.append(TopPLogitsWarper(params.top_p))
+        self.penalty = (RepetitionPenaltyLogitsProcessor(params.repetition_penalty)
+                        if params.repetition_penalty != 1.0 else None)
+        self.rng = torch.Generator().manual_seed(params.seed) if self.sampling else None
+
+    def choose(self, logits, contrast_logits, generated: list[int]) -> int:
+        import torch
+
+        scores = logits.float().unsqueeze(0)
+        if contrast_logits is not None:
+            a = self.params.cad_alpha
+            scores = (1.0 + a) * scores - a * contrast_logits.float().unsqueeze(0)
+        if self.penalty is not None and generated:
+            scores = self.penalty(torch.tensor([generated], device=scores.device), scores)
+        if self.warpers:
+            scores = self.warpers(None, scores)
+        constraint = self.params.constraint
+        if constraint is not None:
+            scores = constraint(scores)
+        if self.sampling:
+            token = int(torch.multinomial(torch.softmax(scores, dim=-1).cpu(), 1, generator=self.rng)[0, 0])
+        else:
+            token = int(scores.argmax(dim=-1)[0])
+        if constraint is not None:
+            constraint.advance(token)
+        return token
+
+
+class BatchScheduler:
+    """The engine thread and its batch. ``forward(ids, cache, adapter_names, mask, positions)`` runs the model
+    and returns last-position logits; ``lock`` guards the model (adapter loading takes it too)."""
+
+    def __init__(self, forward: Callable[..., Any], new_cache: Callable[..., Any], decode: Callable[[list[int]], str],
+                 eos_ids: set[int], lock: threading.RLock, device: str, max_rows: int, kv_cache_tokens: int,
+                 retire: Callable[[set[str]], set[str]]) -> None:
+        self._forward = forward
+        self._new_cache = new_cache
+        self._decode = decode
+        self._eos = eos_ids
+        self._lock = lock
+        self._device = device
+        self.max_rows = max_rows
+        self.kv_cache_tokens = kv_cache_tokens
+        self._retire = retire  # called with the adapter keys in use; returns the stale keys it could drop
+        self._cond = threading.Condition()
+        self._waiting: list[Request] = []
+        self._prefilling: list[Request] = []
+        self._running: list[Request] = []
+        self._rows: list[tuple[Request, Sequence]] = []  # batch order of the rows of the running requests
+        self._cache: Any = None
+        self._mask: Any = None  # (rows, padded length) 1 = real token
+        self._lengths: list[int] = []  # real tokens per row
+        self._prefixes: OrderedDict[tuple, Any] = OrderedDict()
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        self.max_batch_seen = 0
+
+    # --- submitting -------------------------------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        rows = len(request.sequences)
+        need = rows * request.final_length
+        if rows > self.max_rows or need > self.kv_cache_tokens:
+            raise ServingError(f"this request needs {need} KV-cache tokens ({rows} row(s) x {request.final_length}), over "
+                               f"kv_cache_tokens={self.kv_cache_tokens}; lower max_new_tokens or k, or raise kv_cache_tokens")
+        with self._cond:
+            self._waiting.append(request)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="ragtune-engine", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def stats(self) -> dict[str, int]:
+        with self._cond:
+            return {"waiting": len(self._waiting), "prefilling": len(self._prefilling), "running": len(self._running),
+                    "rows": len(self._rows), "steps": self.steps, "max_batch_seen": self.max_batch_seen}
+
+    def _admit(self) -> None:
+        """Move waiting requests (in order: nobody is overtaken) into prefill while the bound holds."""
+        while self._waiting:
+            request = self._waiting[0]
+            active = self._running + self._prefilling
+            rows = sum(len(r.sequences) for r in active) + len(request.sequences)
+            longest = max([r.final_length for r in active] + [request.final_length])
+            if active and (rows > self.max_rows or rows * longest > self.kv_cache_tokens):
+                return
+            self._waiting.pop(0)
+            request.stream.queued_s = time.perf_counter() - request.submitted
+            self._prefilling.append(request)
+
+    # --- the loop ---------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._drop_cancelled()
+                while not (self._waiting or self._prefilling or self._running):
+                    self._cond.wait()
+                    self._drop_cancelled()
+                self._admit()
+            try:
+                with self._lock:
+                    self._step()
+            except Exception as exc:  # noqa: BLE001 - every request of the failed step learns why
+                self._fail_all(exc)
+
+    def _step(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            if self._prefilling:
+                request = self._prefilling[0]
+                if self._prefill_slice(request):
+                    with self._cond:
+                        self._prefilling.pop(0)
+                    self._start(request)
+            if self._rows:
+                self._decode_step()
+        self.steps += 1
+        in_use = {s.key for r in self._waiting + self._prefilling + self._running for s in r.sequences}
+        self._retire(in_use)
+
+    def _prefill_slice(self, request: Request) -> bool:
+        """One forward pass of at most PREFILL_SLICE prompt tokens; True when every row is prefilled."""
+        import torch
+
+        for seq in request.sequences:
+            if seq.done == len(seq.ids):
+                continue
+            if seq.cache is None:
+                seq.cache = self._new_cache()
+                if seq.prefix_len:
+                    stored = self._prefixes.get((seq.key, tuple(seq.ids[:seq.prefix_len])))
+                    if stored is not None:
+                        self._prefixes.move_to_end((seq.key, tuple(seq.ids[:seq.prefix_len])))
+                        seq.cache = self._new_cache([(k.clone(), v.clone()) for k, v in stored])
+                        seq.done = seq.prefix_len
+            end = min(len(seq.ids), seq.done + PREFILL_SLICE)
+            if seq.prefix_len and seq.done < seq.prefix_len:
+                end = seq.prefix_len  # the prefix is its own slice, so its cache can be kept as is
+            ids = torch.tensor([seq.ids[seq.done:end]], dtype=torch.long, device=self._device)
+            seq.logits = self._forward(ids, seq.cache, [seq.key])[0]
+            seq.done = end
+            if seq.prefix_len and end == seq.prefix_len:
+                key = (seq.key, tuple(seq.ids[:seq.prefix_len]))
+                self._prefixes[key] = [(layer.keys.clone(), layer.values.clone()) for layer in seq.cache.layers]
+                while len(self._prefixes) > PREFIX_ENTRIES:
+                    self._prefixes.popitem(last=False)
+            return False
+        return True
+
+    def _start(self, request: Request) -> None:
+        """The first token from the prefill logits; then the request's rows join the batch."""
+        contrast = request.contrast.logits if request.contrast is not None else None
+        request.sampler = Sampler(request.params)
+        token = request.sampler.choose(request.main.logits, contrast, request.generated)
+        if self._emit(request, token):
+            return
+        for seq in request.sequences:
+            self._merge(request, seq)
+            seq.cache, seq.logits = None, None
+        with self._cond:
+            self._running.append(request)
+        self.max_batch_seen = max(self.max_batch_seen, len(self._rows))
+
+    def _merge(self, request: Request, seq: Sequence) -> None:
+        import torch
+        import torch.nn.functional as F
+
+        length = len(seq.ids)
+        layers = [(layer.keys, layer.values) for layer in seq.cache.layers]
+        if not self._rows:
+            self._cache = seq.cache
+            self._mask = torch.ones((1, length), dtype=torch.long, device=self._device)
+        else:
+            width = self._mask.shape[1]
+            target = max(width, length)
+
+            def pad(t, n):  # left-pad the sequence axis (dim 2 of keys/values, dim 1 of the mask)
+                return F.pad(t, (0, 0, n, 0)) if t.dim() == 4 else F.pad(t, (n, 0))
+
+            merged = [(torch.cat([pad(layer.keys, target - width), pad(k, target - length)]),
+                       torch.cat([pad(layer.values, target - width), pad(v, target - length)]))
+                      for layer, (k, v) in zip(self._cache.layers, layers)]
+            self._cache = self._new_cache(merged)
+            ones = torch.ones((1, length), dtype=torch.long, device=self._device)
+            self._mask = torch.cat([pad(self._mask, target - width), pad(ones, target - length)])
+        self._rows.append((request, seq))
+        self._lengths.append(length)
+
+    def _decode_step(self) -> None:
+        import torch
+
+        rows = self._rows
+        tokens = torch.tensor([[r.next_token] for r, _ in rows], dtype=torch.long, device=self._device)
+        mask = torch.cat([self._mask, torch.ones((len(rows), 1), dtype=torch.long, device=self._device)], dim=1)
+        positions = torch.tensor([[n] for n in self._lengths], dtype=torch.long, device=self._device)
+        logits = self._forward(tokens, self._cache, [s.key for _, s in rows], mask, positions)
+        self._mask = mask
+        self._lengths = [n + 1 for n in self._lengths]
+        main, contrast = {}, {}
+        for i, (request, seq) in enumerate(rows):
+            (main if seq is request.main else contrast)[id(request)] = logits[i]
+        finished = []
+        for request in list(self._running):
+            if request.cancelled:
+                self._finish(request, "stop")
+                finished.append(request)
+                continue
+            token = request.sampler.choose(main[id(request)], contrast.get(id(request)), request.generated)
+            if self._emit(request, token):
+                finished.append(request)
+        if finished:
+            self._remove(finished)
+
+    def _remove(self, requests: list[Request]) -> None:
+        import torch
+
+        gone = {id(r) for r in requests}
+        keep = [i for i, (r, _) in enumerate(self._rows) if id(r) not in gone]
+        with self._cond:
+            self._running = [r for r in self._running if id(r) not in gone]
+        if not keep:
+            self._rows, self._lengths, self._cache, self._mask = [], [], None, None
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self._device)
+        self._rows = [self._rows[i] for i in keep]
+        self._lengths = [self._lengths[i] for i in keep]
+        self._mask = self._mask[index]
+        trim = self._mask.shape[1] - max(self._lengths)  # columns that are padding in every remaining row
+        self._cache = self._new_cache([(layer.keys[index, :, trim:], layer.values[index, :, trim:])
+                                       for layer in self._cache.layers])
+        self._mask = self._mask[:, trim:]
+
+    # --- output -------------------------------------------------------------------------------
+    def _emit(self, request: Request, token: int) -> bool:
+        """Record ``token`` for ``request`` and pass on the text that is safe to show; True when it is done."""
+        stream, params = request.stream, request.params
+        if request.cancelled:
+            return self._finish(request, "stop")
+        if token in self._eos:
+            return self._finish(request, "stop")
+        request.generated.append(token)
+        stream.completion_tokens = len(request.generated)
+        piece = request.stops.feed(self._decode(request.generated))
+        if piece:
+            request.out.put(piece)
+        if request.stops.stopped:
+            return self._finish(request, "stop")
+        if len(request.generated) >= params.max_new_tokens:
+            return self._finish(request, "length")
+        request.next_token = token
+        return False
+
+    def _finish(self, request: Request, reason: str) -> bool:
+        request.stream.finish_reason = reason
+        if request.params.constraint is not None:
+            request.params.constraint.finish()
+        if not request.stops.stopped and not request.cancelled:
+            tail = request.stops.flush(self._decode(request.generated))
+            if tail:
+                request.out.put(tail)
+        request.finished = True
+        request.out.put(_END)
+        return True
+
+    def cancel(self, request: Request) -> None:
+        """From any thread: the request's rows leave the batch at the next step and its reader gets the end."""
+        request.cancelled = True
+        with self._cond:
+            self._cond.notify_all()
+
+    def _drop_cancelled(self) -> None:
+        """Called with the condition held: cancelled requests that hold no batch rows leave now."""
+        for bucket in (self._waiting, self._prefilling):
+            for request in [r for r in bucket if r.cancelled]:
+                bucket.remove(request)
+                request.finished = True
+                request.out.put(_END)
+
+    def _fail_all(self, exc: Exception) -> None:
+        error = ServingError(f"generation failed: {exc}")
+        with self._cond:
+            everyone = self._prefilling + self._running
+            self._prefilling, self._running = [], []
+        for request in everyone:
+            request.finished = True
+            request.out.put(error)
+        self._rows, self._lengths, self._cache, self._mask = [], [], None, None
+
+
+def read_pieces(request: Request):
+    """The generator behind a local :class:`TokenStream`: pieces from the engine until the end; closing it
+    (a client gone, Streamlit's stop) cancels the request, and the engine drops its rows at the next step."""
+    stream = request.stream
+    try:
+        while True:
+            item = request.out.get()
+            if item is _END:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        if not request.finished:
+            request.cancelled = True
+        stream.finished_s = time.perf_counter() - stream.started

@@ -1,0 +1,160 @@
+"""Issue 12: continuous batching in the local engine, on the real packaged SmolLM2 (int8 and fp32), with real
+LoRA adapters mixed per row, and 16 streaming clients against the real HTTP server on localhost."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from serving.config import ServingError
+from serving.generation import GenerationParams, LocalGenerator
+
+SYSTEM = {"role": "system", "content": "You answer questions about heat pumps briefly and exactly."}
+CASES = [  # different prompts, lengths and adapters, some with none; three share the system prompt
+    ([SYSTEM, {"role": "user", "content": "What is a heat pump?"}], None),
+    ([{"role": "user", "content": "Name three colours."}], "alpha"),
+    ([SYSTEM, {"role": "user", "content": "How loud is a fan rated for 38 dB? Explain in detail, with examples of "
+                                         "everyday sounds at similar levels, and say where to install it."}], "beta"),
+    ([{"role": "user", "content": "Write a haiku about snow."}], None),
+    ([SYSTEM, {"role": "user", "content": "Why defrost?"}], "alpha"),
+]
+TOKENS = 14
+
+
+def params(**kw) -> GenerationParams:
+    return GenerationParams(max_new_tokens=kw.pop("max_new_tokens", TOKENS), repetition_penalty=1.1, **kw)
+
+
+def together(gen, cases, make_params=params, stagger: float = 0.0) -> list[str]:
+    """Each case streamed from its own thread at once (optionally staggered): one batch in the engine."""
+    out: list = [None] * len(cases)
+
+    def run(i):
+        time.sleep(stagger * i)
+        try:
+            out[i] = gen.stream(cases[i][0], cases[i][1], make_params()).text()
+        except Exception as exc:  # noqa: BLE001 - compared below
+            out[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fp32_generator(serving_home):
+    return LocalGenerator("smollm2-135m-instruct", serving_home, quantize="none")
+
+
+@pytest.mark.parametrize("which", ["int8", "none"])
+def test_mixed_batch_equals_each_request_alone(which, serving_generator, fp32_generator):
+    gen = serving_generator if which == "int8" else fp32_generator
+    alone = [gen.stream(m, a, params()).text() for m, a in CASES]
+    steps = gen.engine.steps
+    batched = together(gen, CASES)
+    assert batched == alone
+    assert gen.engine.max_batch_seen >= 3 and gen.engine.steps - steps < len(CASES) * TOKENS  # rows shared steps
+    assert len(set(alone)) == len(alone)  # the cases (and adapters) really differ
+
+
+def test_join_cancel_and_stop_leave_the_others_unchanged(serving_generator):
+    gen = serving_generator
+    long = params(max_new_tokens=24)
+    alone = [gen.stream(m, a, long).text() for m, a in CASES[:3]]
+    stop_at = alone[1].split()[2]
+    stopped_alone = gen.stream(CASES[1][0], CASES[1][1], params(max_new_tokens=24, stop=(stop_at,))).text()
+    assert stop_at not in stopped_alone
+
+    results: dict[str, object] = {}
+    cancelled = gen.stream(CASES[3][0], CASES[3][1], params(max_new_tokens=200))
+    first = next(cancelled)  # decoding in the batch
+
+    def run(name, case, p, delay):
+        time.sleep(delay)
+        results[name] = gen.stream(case[0], case[1], p).text()
+
+    threads = [threading.Thread(target=run, args=("a", CASES[0], long, 0.0)),
+               threading.Thread(target=run, args=("stop", CASES[1], params(max_new_tokens=24, stop=(stop_at,)), 0.0)),
+               threading.Thread(target=run, args=("late", CASES[2], long, 1.0))]  # joins mid-batch
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    cancelled.close()  # a client gone: its row leaves at the next step
+    for t in threads:
+        t.join(300)
+    assert first and cancelled.completion_tokens < 200
+    assert results == {"a": alone[0], "stop": stopped_alone, "late": alone[2]}
+    assert gen.engine.stats()["rows"] == 0  # nothing left behind
+
+
+def test_kv_bound_queues_then_answers_and_refuses_what_never_fits(serving_home, serving_generator):
+    gen = serving_generator
+    alone = [gen.stream(m, a, params()).text() for m, a in CASES[:3]]
+    longest = max(len(gen.render(m)) for m, _ in CASES[:3]) + TOKENS
+    engine = gen.engine
+    saved = engine.kv_cache_tokens
+    engine.kv_cache_tokens = 2 * longest  # room for two rows of the longest request, not three
+    try:
+        streams = []
+        for m, a in CASES[:3]:
+            streams.append(gen.stream(m, a, params()))
+        texts = [s.text() for s in streams]
+        assert texts == alone
+        assert max(s.queued_s for s in streams) > 0  # the third waited for room
+        with pytest.raises(ServingError, match="kv_cache_tokens"):
+            gen.stream(CASES[2][0], None, params(max_new_tokens=2 * longest))
+    finally:
+        engine.kv_cache_tokens = saved
+
+
+def test_sixteen_streaming_clients_get_their_own_answers(serving_generator):
+    from serving.openai_server import serve_in_thread
+
+    gen = serving_generator
+    questions = [f"In one sentence: what is {w}?" for w in ("a heat pump", "a fan", "frost", "a compressor", "a filter",
+                                                             "a thermostat", "a duct", "a coil")]
+    cases = [(q, ("alpha", "beta", None, None)[i % 4]) for i in range(16) for q in [questions[i % 8]]]
+    expected = {i: gen.stream([{"role": "user", "content": q}], a, params(max_new_tokens=8)).text()
+                for i, (q, a) in enumerate(cases)}
+    server, url = serve_in_thread(gen)
+    got: dict[int, object] = {}
+    try:
+        def client(i):
+            q, a = cases[i]
+            body = json.dumps({"model": a or gen.base_id, "messages": [{"role": "user", "content": q}], "max_tokens": 8,
+                               "stream": True, "repetition_penalty": 1.1, "temperature": 0}).encode()
+            request = urllib.request.Request(url + "/chat/completions", body, {"Content-Type": "application/json"})
+            text = []
+            try:
+                with urllib.request.urlopen(request, timeout=300) as response:
+                    for raw in response:
+                        raw = raw.strip()
+                        if raw.startswith(b"data:") and raw[5:].strip() != b"[DONE]":
+                            event = json.loads(raw[5:])
+                            assert "error" not in event, event
+                            for choice in event["choices"]:
+                                text.append((choice.get("delta") or {}).get("content") or "")
+                got[i] = "".join(text)
+            except Exception as exc:  # noqa: BLE001 - compared below
+                got[i] = exc
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert got == expected  # every client got its own prompt's answer with its own adapter, no errors
+        after = json.dumps({"model": gen.base_id, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}).encode()
+        with urllib.request.urlopen(urllib.request.Request(url + "/chat/completions", after,
+                                                           {"Content-Type": "application/json"}), timeout=120) as r:
+            assert json.loads(r.read())["choices"][0]["message"]["content"] is not None
+    finally:
+        server.shutdown()
+        server.server_close()
