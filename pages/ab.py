@@ -111,6 +111,7 @@ with arena_tab:
     if current is not None:
         st.markdown(f"**{webapp.escape_markdown(current.question)}**")
         left, right = st.columns(2)
+        pending = webapp.arena_streams(assistant, current, [s for s in ("a", "b") if s not in current.answers])
         for side, col in (("a", left), ("b", right)):
             with col:
                 st.markdown(f"#### {side.upper()}")
@@ -118,7 +119,9 @@ with arena_tab:
                     st.markdown(webapp.escape_markdown(current.answers[side]))
                 else:
                     try:
-                        pieces = webapp.arena_stream(assistant, current, side)
+                        pieces = pending[side]
+                        if isinstance(pieces, Exception):
+                            raise pieces
                         st.write_stream(webapp.escape_markdown(p) for p in pieces)
                         current.answers[side] = pieces.answer.text
                     except ERRORS as exc:

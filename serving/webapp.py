@@ -559,10 +559,11 @@ def new_arena_round(question: str, collection: str | None, adapter: str | None):
     return arena.new_round(question, collection, adapter, random.SystemRandom())
 
 
-def arena_stream(assistant: Any, round_: Any, side: str):
+def arena_streams(assistant: Any, round_: Any, sides: list[str]) -> dict[str, Any]:
+    """Both answers started together (one batch in the engine); each side: a stream or its error."""
     from serving.ab import arena
 
-    return arena.stream_side(assistant, round_, side)
+    return arena.stream_sides(assistant, round_, sides)
 
 
 def arena_outcomes() -> dict[str, str]:

@@ -59,6 +59,18 @@ def stream_side(assistant: Any, round_: ArenaRound, side: str):
                             adapter=round_.adapter if uses_adapter(arm) else None, log=False)
 
 
+def stream_sides(assistant: Any, round_: ArenaRound, sides: list[str]) -> dict[str, Any]:
+    """The streams of ``sides``, all started before any is read, so the engine decodes them in one batch;
+    a side that cannot be served holds its :class:`ServingError` instead."""
+    out: dict[str, Any] = {}
+    for side in sides:
+        try:
+            out[side] = stream_side(assistant, round_, side)
+        except ServingError as exc:
+            out[side] = exc
+    return out
+
+
 def record_vote(store: ABStore, round_: ArenaRound, outcome: str) -> int:
     if round_.voted:
         raise ServingError("this round already has a vote; ask another question")

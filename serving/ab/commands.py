@@ -49,6 +49,7 @@ def ab_run_cmd(
     name: str = typer.Option("", "--name", help="run name (default: from the file, collection and adapter)"),
     k: int = typer.Option(4, "-k", help="chunks retrieved into the prompt"),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="answer length limit"),
+    concurrency: int = typer.Option(8, "--concurrency", help="answers computed at once (one batch in the engine; 1 = one by one)"),
     home: Optional[str] = typer.Option(None, "--home", help="workspace folder"),
 ) -> None:
     """Answer every question with every arm (greedy, cached: a re-run computes only what is missing).
@@ -61,7 +62,7 @@ def ab_run_cmd(
 
     config = build_config(ABConfig, {"questions": str(questions), "collection": collection, "adapter": adapter,
                                      "arms": arms, "limit": limit, "name": name, "k": k,
-                                     "max_new_tokens": max_new_tokens}, source="options")
+                                     "max_new_tokens": max_new_tokens, "concurrency": concurrency}, source="options")
     assistant = Assistant.open(home, log=False)
     from tqdm import tqdm
 

@@ -14,6 +14,7 @@ import hashlib
 import json
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -38,6 +39,8 @@ class ABConfig:
     name: str = field("", help="run name ('' = derived from the question file, adapter and collection)")
     k: int = field(4, help="chunks retrieved into the prompt in the rag arms")
     max_new_tokens: int = field(64, help="answer length limit (short answers: the references are short)")
+    concurrency: int = field(8, help="answers computed at once (the local engine decodes them in one batch; greedy "
+                                     "answers are the same as one at a time)")
 
     def __post_init__(self) -> None:
         unknown = [a for a in self.arms if a not in ARMS]
@@ -47,6 +50,8 @@ class ABConfig:
             raise ConfigError("the rag arms need --collection (or drop them with --arms base,ft)")
         if any(uses_adapter(a) for a in self.arms) and not self.adapter:
             raise ConfigError("the ft arms need --adapter (train one with `ragtune tune`, or use --arms base,rag)")
+        if not 1 <= self.concurrency <= 64:
+            raise ConfigError("concurrency: use 1-64 (example: concurrency=8)")
         if not self.name:
             stem = Path(self.questions).stem
             derived = "-".join(x for x in (stem, self.collection, self.adapter) if x)
@@ -131,32 +136,56 @@ def run_ab(assistant: Any, config: ABConfig, progress: Callable[[int, int, str],
     computed = reused = 0
     total = len(questions) * len(config.arms)
     started = time.perf_counter()
-    for qi, row in enumerate(questions):
-        for ai, arm in enumerate(config.arms):
+    cells = []  # (row, arm, cache key, cached payload or None), in question order
+    for row in questions:
+        for arm in config.arms:
             uses_rag, uses_ft = uses_retrieval(arm), uses_adapter(arm)
             key = cache_key(question=row["question"], arm=arm, base=base_id, adapter=adapter_id if uses_ft else None,
                             collection=(config.collection, col.version()) if uses_rag else None, prompt=p_hash,
                             k=config.k if uses_rag else None, max_new_tokens=config.max_new_tokens)
-            payload = store.cached(key)
-            fresh = payload is None
-            if fresh:
-                answer = assistant.answer(row["question"], mode=arm, collection=config.collection if uses_rag else None,
-                                          adapter=config.adapter if uses_ft else None, k=config.k, log=False,
-                                          max_new_tokens=config.max_new_tokens)
-                payload = {"text": answer.text, "cited": answer.cited, "refused": answer.refused,
-                           "refusal_reason": answer.refusal_reason, "decoding": answer.decoding,
-                           "sources": [{"n": s.n, "doc": s.doc, "chunk_id": s.chunk_id, "text": s.text} for s in answer.sources],
-                           "timings": answer.timings}
-                if uses_rag:
-                    deep = col.search(answer.retrieval_query or row["question"], k=HIT_DEPTH, mode=assistant.config.search_mode)
-                    payload["deep_hits"] = [{"doc": h.doc, "chunk_id": h.chunk_id, "text": h.text} for h in deep]
+            cells.append((row, arm, key, store.cached(key)))
+
+    def compute(row: dict[str, Any], arm: str) -> dict[str, Any]:
+        uses_rag, uses_ft = uses_retrieval(arm), uses_adapter(arm)
+        answer = assistant.answer(row["question"], mode=arm, collection=config.collection if uses_rag else None,
+                                  adapter=config.adapter if uses_ft else None, k=config.k, log=False,
+                                  max_new_tokens=config.max_new_tokens)
+        payload = {"text": answer.text, "cited": answer.cited, "refused": answer.refused,
+                   "refusal_reason": answer.refusal_reason, "decoding": answer.decoding,
+                   "sources": [{"n": s.n, "doc": s.doc, "chunk_id": s.chunk_id, "text": s.text} for s in answer.sources],
+                   "timings": answer.timings}
+        if uses_rag:
+            deep = col.search(answer.retrieval_query or row["question"], k=HIT_DEPTH, mode=assistant.config.search_mode)
+            payload["deep_hits"] = [{"doc": h.doc, "chunk_id": h.chunk_id, "text": h.text} for h in deep]
+        return payload
+
+    done = 0
+
+    def record(row: dict[str, Any], arm: str, key: str, payload: dict[str, Any], fresh: bool) -> None:
+        nonlocal done
+        store.put(run_id, str(row["id"]), arm, key, payload if fresh else None, {**row, "scores": score(row, payload, arm)})
+        done += 1
+        if progress:
+            progress(done, total, f"{row['id']} {arm}")
+
+    for row, arm, key, payload in cells:
+        if payload is not None:
+            reused += 1
+            record(row, arm, key, payload, False)
+    # the missing answers are asked concurrently: the local engine batches them (one read of the weights for
+    # all rows per token); each is stored as soon as it is done, so an interrupted run keeps what it computed
+    missing = [(row, arm, key) for row, arm, key, payload in cells if payload is None]
+    with ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="ab") as pool:
+        futures = {pool.submit(compute, row, arm): (row, arm, key) for row, arm, key in missing}
+        try:
+            for future in as_completed(futures):
+                row, arm, key = futures[future]
+                record(row, arm, key, future.result(), True)
                 computed += 1
-            else:
-                reused += 1
-            result_row = {**row, "scores": score(row, payload, arm)}
-            store.put(run_id, str(row["id"]), arm, key, payload if fresh else None, result_row)
-            if progress:
-                progress(qi * len(config.arms) + ai + 1, total, f"{row['id']} {arm}")
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
     store.finish_run(run_id)
     return {"run": config.name, "questions": len(questions), "arms": config.arms, "computed": computed,
             "reused": reused, "seconds": round(time.perf_counter() - started, 1)}
