@@ -9,10 +9,11 @@ Metrics (names fixed by issue 4):
   llamacpp_tokens_per_s: llama.cpp on the packaged GGUF when ``llama_cpp`` is importable;
 - ttft_p50_s_rag: time to first token in ``rag`` mode with k=4 (retrieval + prompt + prefill), baseline =
   the same retrieval and prompt through fp32 ``model.generate``;
-- adapter_switch_p50_ms: base -> adapter -> base on the loaded model; baseline = loading the adapter
-  onto the base per request (``PeftModel.from_pretrained``), what serving without hot-switching costs;
-- concurrent_errors, concurrent_p95_s, concurrent_throughput_qps: 8 concurrent ``ask`` calls vs the
-  same 8 one after another;
+- concurrent_errors, concurrent_throughput_ratio (answers/s of 8 concurrent ``ask`` calls / the same 8
+  one after another), concurrent_p95_s (value: p95 latency of the 8 concurrent / the single-request p50);
+- batch_decode_tokens_per_s: aggregate decode tokens/s of 8 rows decoding together / 1 row (issue 12);
+- adapter_mix_overhead: time per decode step of 8 rows with 4 different adapters / 8 rows with one;
+- ab_run_speedup: an A/B run (all four arms) with 8 answers at once / the same run one answer at a time;
 - http_*: the same generator behind ``ragtune serve``'s server on localhost (streamed chat completions
   read with the standard library), baseline = the generator called in-process, so each ratio is what
   the HTTP layer costs: http_ttft_p50_s (one-token answers), http_decode_tokens_per_s (streamed
@@ -56,7 +57,7 @@ def p(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))]
 
 
-def random_adapter(home: Path, name: str) -> None:
+def random_adapter(home: Path, name: str, seed: int = 0) -> None:
     """An untrained LoRA (all-linear, r=16 like the default recipe) in the registry format: switch cost
     does not depend on the weights' values."""
     import torch
@@ -66,7 +67,7 @@ def random_adapter(home: Path, name: str) -> None:
     from tuning.models import load_causal_lm, resolve_base_model, weights_hash
 
     base = resolve_base_model("smollm2-135m-instruct", home)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = get_peft_model(load_causal_lm(base, for_training=False),
                            LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
     folder = adapter_dir(home, name)
@@ -191,23 +192,47 @@ def main() -> None:
          ragtune=round(statistics.median(ours), 4), ttft_p95_s=round(p(ours, 0.95), 4),
          prompt_tokens_p50=statistics.median(prompt_tokens), questions=len(questions))
 
-    # 3. adapter switch base -> adapter -> base (adapter loaded once), vs loading it per request
-    gen.load_adapter(adapter)
-    switches = []
-    for _ in range(10):
-        switches.append(gen.switch(adapter) * 1000)
-        switches.append(gen.switch(None) * 1000)
-    from peft import PeftModel
+    # 3. batching: 8 rows decoding together vs 1 row; 4 adapters mixed in the 8 vs one adapter
+    adapters = [adapter] + [f"bench-random-{i}" for i in range(1, 4)]
+    for name in adapters[1:]:
+        if not ws.layout.adapter_dir(name).exists():
+            random_adapter(ws.home, name, seed=int(name[-1]))
+    for name in adapters:
+        gen.load_adapter(name)
 
-    folder = ws.layout.adapter_dir(adapter)
-    loads = []
-    for _ in range(3):
-        started = time.perf_counter()
-        wrapped = PeftModel.from_pretrained(plain, str(folder))
-        loads.append((time.perf_counter() - started) * 1000)
-        plain = wrapped.unload()  # back to the plain model (removes the LoRA layers)
-    line("adapter_switch_p50_ms", statistics.median(switches), "ms", "<= 50", baseline=round(statistics.median(loads), 2),
-         ragtune=round(statistics.median(switches), 3), baseline_is="PeftModel.from_pretrained per request")
+    def decode_together(rows: list) -> tuple[float, float]:
+        """(aggregate decode tokens/s, seconds per decode step) of ``rows`` (adapter per row) started at once,
+        counted from the moment every row has its first token (prefill excluded) to the last row's end."""
+        streams = [gen.stream(LONG_PROMPT, adapter=a, params=GenerationParams(max_new_tokens=new_tokens, stop=()))
+                   for a in rows]
+        marks: list = [None] * len(streams)
+
+        def read(i):
+            pieces = []
+            for piece in streams[i]:
+                pieces.append((time.perf_counter(), streams[i].completion_tokens))
+            marks[i] = pieces
+
+        threads = [threading.Thread(target=read, args=(i,)) for i in range(len(streams))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        start = max(m[0][0] for m in marks)  # every row is decoding from here on
+        end = max(m[-1][0] for m in marks)
+        tokens = sum(n - next(k for t, k in m if t >= start) for m in marks for n in [m[-1][1]])
+        steps = max(m[-1][1] - next(k for t, k in m if t >= start) for m in marks)
+        return tokens / max(end - start, 1e-9), (end - start) / max(steps, 1)
+
+    decode_together([None])  # warm-up
+    one_tps, _ = max(decode_together([None]) for _ in range(2))
+    eight_tps, _ = max(decode_together([None] * 8) for _ in range(2))
+    line("batch_decode_tokens_per_s", eight_tps / one_tps, "x", ">= 4", baseline=round(one_tps, 2),
+         ragtune=round(eight_tps, 2), rows=8, baseline_is="1 row")
+    same = min(decode_together([adapter] * 8)[1] for _ in range(2))
+    mixed = min(decode_together([adapters[i % 4] for i in range(8)])[1] for _ in range(2))
+    line("adapter_mix_overhead", mixed / same, "x", "<= 1.3", baseline=round(same * 1000, 2), ragtune=round(mixed * 1000, 2),
+         unit_detail="ms per decode step", baseline_is="8 rows, one adapter")
 
     # 4. eight concurrent asks (rag, and rag+ft for every other one) vs the same eight in sequence
 
@@ -239,11 +264,29 @@ def main() -> None:
         t.join()
     concurrent_s = time.perf_counter() - started
     line("concurrent_errors", len(errors), "count", "== 0", errors=errors[:3])
-    line("concurrent_p95_s", p(latencies, 0.95) if latencies else None, "s", None,
-         baseline=round(p(sequential, 0.95), 3), ragtune=round(p(latencies, 0.95), 3) if latencies else None,
-         baseline_is="p95 latency of the same 8 asked one after another")
-    line("concurrent_throughput_qps", len(latencies) / concurrent_s, "answers/s", None,
-         baseline=round(len(eight) / sequential_s, 4), ragtune=round(len(latencies) / concurrent_s, 4))
+    single_p50 = statistics.median(sequential)
+    line("concurrent_p95_s", p(latencies, 0.95) / single_p50 if latencies else None, "x", "<= 2.5",
+         baseline=round(single_p50, 3), ragtune=round(p(latencies, 0.95), 3) if latencies else None,
+         baseline_is="p50 latency of the same questions asked one at a time")
+    line("concurrent_throughput_ratio", (len(latencies) / concurrent_s) / (len(eight) / sequential_s), "x", ">= 3.0",
+         baseline=round(len(eight) / sequential_s, 4), ragtune=round(len(latencies) / concurrent_s, 4), unit_detail="answers/s")
+
+    # 5. an A/B run (four arms) with 8 answers at once vs one at a time (each from an empty answer cache)
+    from serving.ab.runner import ABConfig, run_ab
+    from serving.ab.runs import ABStore
+
+    ab_questions = 4 if args.quick else 16
+    qfile = Path(tmp.name) / "ab-questions.jsonl"
+    rows = [json.loads(l) for l in QUESTIONS.read_text(encoding="utf-8").splitlines() if l.strip()][:ab_questions]
+    qfile.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    seconds = {}
+    for concurrency in (1, 8):
+        ABStore(ws.db_path).conn.execute("DELETE FROM ab_cache")
+        config = ABConfig(questions=str(qfile), collection="corvida", adapter=adapter, name=f"bench-c{concurrency}",
+                          max_new_tokens=concurrent_tokens, concurrency=concurrency)
+        seconds[concurrency] = run_ab(assistant, config)["seconds"]
+    line("ab_run_speedup", seconds[1] / seconds[8], "x", ">= 2.5", baseline=seconds[1], ragtune=seconds[8],
+         answers=ab_questions * 4, baseline_is="the same run with concurrency=1 (one answer at a time)")
     http_figures(gen, adapter, new_tokens, concurrent_tokens, eight)
     tmp.cleanup()
 
@@ -300,7 +343,7 @@ def http_figures(gen, adapter: str, new_tokens: int, concurrent_tokens: int, eig
         line("http_decode_tokens_per_s", http_rate, "pieces/s", None, baseline=base_rate and round(base_rate, 2),
              ragtune=http_rate and round(http_rate, 2), baseline_is="the generator in-process")
 
-        def run_eight(call):
+        def run_eight(call, cases=eight):
             latencies, errors, lock = [], [], threading.Lock()
 
             def worker(q, a):
@@ -313,7 +356,7 @@ def http_figures(gen, adapter: str, new_tokens: int, concurrent_tokens: int, eig
                         errors.append(repr(exc))
 
             started = time.perf_counter()
-            threads = [threading.Thread(target=worker, args=case) for case in eight]
+            threads = [threading.Thread(target=worker, args=case) for case in cases]
             for t in threads:
                 t.start()
             for t in threads:
@@ -328,6 +371,9 @@ def http_figures(gen, adapter: str, new_tokens: int, concurrent_tokens: int, eig
              baseline_is="the same 8 streams concurrently in-process")
         line("http_concurrent_throughput_qps", len(http_lat) / http_s, "answers/s", None,
              baseline=round(len(base_lat) / base_s, 4), ragtune=round(len(http_lat) / http_s, 4))
+        sixteen_lat, sixteen_errors, sixteen_s = run_eight(remote, eight + eight)
+        line("concurrent_errors_16", len(sixteen_errors), "count", "== 0", errors=sixteen_errors[:3],
+             answers_per_s=round(len(sixteen_lat) / sixteen_s, 4), clients=16)
         lists = []
         for _ in range(20):
             started = time.perf_counter()

@@ -119,6 +119,9 @@ if question:
             state.messages.append({"role": "user", "content": question, "failed": True})
             state.messages.append({"role": "assistant", "content": "", "error": str(exc)})
         else:
+            waiting = webapp.queue_note(assistant)
+            if waiting:
+                st.caption(waiting)
             st.write_stream(webapp.escape_markdown(piece) for piece in stream)
             answer = webapp.answer_view(stream.answer)
             state.chat_id = stream.answer.chat_id

@@ -127,6 +127,7 @@ class AnswerStream:
             answer.finish_reason = self._tokens.finish_reason
             answer.timings["prompt_tokens"] = self._tokens.prompt_tokens
             answer.timings["completion_tokens"] = self._tokens.completion_tokens
+            answer.timings["queued_s"] = round(self._tokens.queued_s, 4)
             rate = self._tokens.decode_tokens_per_s
             answer.timings["tokens_per_s"] = round(rate, 2) if rate else None
             if self._constraint is None:

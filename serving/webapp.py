@@ -610,8 +610,22 @@ def highlighted_span(document: str, start: int, end: int, context: int = 240) ->
     return "".join(pieces)
 
 
+def queue_note(assistant: Any) -> str | None:
+    """While the engine's batch is full: how many requests wait for a row (None when nobody waits)."""
+    engine = getattr(assistant.generator, "engine", None)
+    if engine is None:
+        return None
+    stats = engine.stats()
+    if not stats["waiting"]:
+        return None
+    return (f"the model is answering {stats['running'] + stats['prefilling']} other requests; "
+            f"{stats['waiting']} waiting for a free slot, yours included (it starts when one finishes)")
+
+
 def timings_caption(timings: dict[str, Any]) -> str:
     parts = []
+    if timings.get("queued_s", 0) >= 0.05:
+        parts.append(f"waited {timings['queued_s']:.1f} s for a free slot")
     if timings.get("retrieval_ms") is not None:
         parts.append(f"retrieval {timings['retrieval_ms']:.0f} ms")
     if timings.get("ttft_s") is not None:

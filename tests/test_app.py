@@ -247,6 +247,10 @@ def test_view_helpers(tmp_path):
     assert sources_label({"sources": [source], "refused": True}).startswith("Closest matches (1)")
     assert sources_label({"sources": [source, {**source, "cited": True}]}) == "Sources: 1 cited of 2"
     assert sources_label({"sources": []}) is None
+    from serving.webapp import timings_caption
+
+    assert timings_caption({"queued_s": 2.04, "ttft_s": 2.5}).startswith("waited 2.0 s for a free slot · first token 2.50 s")
+    assert "waited" not in timings_caption({"queued_s": 0.0, "ttft_s": 0.5})
     from core.progress import format_duration
     from tuning.training import readable_line
 
