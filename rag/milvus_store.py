@@ -321,7 +321,10 @@ class MilvusStore:
                 store.journal_clear(conn, col.id, [p for p, _, _ in entries])
 
     def save(self) -> None:
-        """Nothing to write: every upsert and delete is durable when it returns."""
+        """After a batch of changes: flush, so the rows leave the write buffer for sealed, indexed
+        segments (Milvus Lite searches an unflushed buffer by brute force: 20k buffered rows took
+        ~1.6 s a dense query here, ~0.2 s after a flush). Durability does not depend on it."""
+        self.client.flush(self.name)
 
     def drop(self) -> None:
         client = connect(self.uri)
