@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
     from rag.ingest import PendingDocument
 
 SQLITE = "sqlite"
-MILVUS_TOKEN_ENV = "RAGTUNE_MILVUS_TOKEN"
 
 
 class ChunkStore(Protocol):

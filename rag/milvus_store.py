@@ -327,6 +327,8 @@ class MilvusStore:
         self.client.flush(self.name)
 
     def drop(self) -> None:
+        if self.uri.startswith("milvus://") and not Path(self.uri[len("milvus://"):]).exists():
+            return  # the Lite file is gone: nothing to remove (opening it would create an empty one)
         client = connect(self.uri)
         if client.has_collection(self.name):
             client.drop_collection(self.name)
