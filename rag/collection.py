@@ -30,21 +30,18 @@ from core.config import ConfigError, build_config, config_to_dict, field as cfie
 from core.names import InvalidName, check_name
 from core.workspace import Layout
 from rag import store
+from rag.backends import SQLITE, ChunkStore, check_reachable, normalise_uri, open_store
 from rag.chunking import Chunk
 from rag.discovery import discover, selected
+from rag.errors import CollectionError, StoreError
 from rag.documents import DEFAULT_MAX_CHARS, DEFAULT_MAX_SECONDS
 from rag.embeddings import get_embedder, resolve_embedding_model
 from rag.ingest import ProgressCallback, index_files, reindex_documents
-from rag.search import (Hit, SearchMode, allowed_ids, bm25_search, convex_fusion, dense_search, fetch_hits,
-                        parse_where, reciprocal_rank_fusion)
-from rag.vector_index import IndexCache, faiss_ids
+from rag.search import Hit, SearchMode, convex_fusion, parse_where, reciprocal_rank_fusion
+from rag.vector_index import IndexCache
 
 MAX_K = 1000  # hits (and fusion candidates) one search may ask for
 REINDEX_SUFFIX = "~reindex"  # a collection being rebuilt; hidden from listings, never a user's name
-
-
-class CollectionError(Exception):
-    """A request about a collection that cannot be carried out; the message says what to do."""
 
 
 @dataclass
@@ -103,7 +100,8 @@ def collection_name(name: object) -> str:
 
 
 class Collection:
-    """One collection. Thread-safe: searches share the loaded FAISS index, writes take a lock."""
+    """One collection. Thread-safe: searches share the loaded FAISS index, writes take a lock. Its
+    chunks live in :attr:`backend` (:mod:`rag.backends`), its catalog in the workspace database."""
 
     def __init__(self, workspace: "Workspace", row: Any) -> None:
         self.workspace = workspace
@@ -115,6 +113,8 @@ class Collection:
         self.config: IndexConfig = build_config(IndexConfig, json.loads(row["config_json"]),
                                                 source=f"collection {self.name}")
         self.folder = workspace.layout.collection_dir(self.id)
+        self.store_uri = str(row["store"]) if "store" in row.keys() else SQLITE
+        self._backend: ChunkStore | None = None
         self.vectors = IndexCache(self.id, self.folder, self.index_type, self.dimension, lambda: self.workspace.conn)
         self.write_lock = threading.RLock()
 
@@ -122,6 +122,13 @@ class Collection:
     @property
     def conn(self):
         return self.workspace.conn
+
+    @property
+    def backend(self) -> ChunkStore:
+        """The chunk store (opened on first use; a store that is gone raises StoreError with the fix)."""
+        if self._backend is None:
+            self._backend = open_store(self)
+        return self._backend
 
     @property
     def embedder(self):
@@ -138,8 +145,8 @@ class Collection:
         return self.vectors.get(self.version())
 
     def save_index(self) -> None:
-        """Write the FAISS file for the current version (after a batch of changes)."""
-        self.vectors.save(self.version())
+        """Persist the store after a batch of changes (the FAISS file of the current version)."""
+        self.backend.save()
 
     # --- writing ------------------------------------------------------------------------------
     def index_paths(self, paths: Iterable[str | os.PathLike], *, sync: bool = False, include: list[str] | None = None,
@@ -162,6 +169,7 @@ class Collection:
         report = IndexReport()
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
+        self.backend.recover()  # before any file is read: a store that is gone fails here, with the fix
         candidates, failed, report.skipped, roots = discover(paths, include, exclude)
         report.failed.extend(failed)
         stored = store.stored_hashes(self.conn, self.id)
@@ -181,26 +189,15 @@ class Collection:
         if isinstance(paths, str):
             paths = [paths]
         paths = [str(p) for p in paths]
-        deleted = 0
-        removed: list[int] = []
-        with self.write_lock:
-            with db.transaction(self.conn) as conn:
-                for path in paths:
-                    ids = store.delete_document(conn, self.id, path)
-                    if ids is not None:
-                        removed += ids
-                        deleted += 1
-                new_version = store.bump_version(conn, self.id) if deleted else None
-            if new_version is not None:
-                self.vectors.apply(new_version, removed, [], None)
-                self.save_index()
-        return deleted
+        self.backend.recover()
+        return self.backend.delete_documents(paths)
 
     # --- reading ------------------------------------------------------------------------------
     def search(self, query: str, k: int = 5, mode: SearchMode = "hybrid", where: list[str] | dict | None = None,
                candidates: int = 50, fusion: Literal["convex", "rrf"] = "convex", alpha: float = 0.4) -> list[Hit]:
         """Top-``k`` chunks for ``query``. Hybrid fuses ``candidates`` from each retriever; ``alpha`` is
-        the dense share of a convex fusion (0.4: BM25 is the stronger signal on exact domain terms)."""
+        the dense share of a convex fusion (0.4: BM25 is the stronger signal on exact domain terms).
+        ``rrf`` on a store with its own fusion (Milvus: ``hybrid_search`` + ``RRFRanker``) runs there."""
         if mode not in ("hybrid", "dense", "bm25"):
             raise CollectionError(f"unknown search mode {mode!r}; use hybrid, dense or bm25")
         if not isinstance(query, str) or not query.strip():
@@ -217,28 +214,30 @@ class Collection:
         except ValueError as exc:
             raise CollectionError(str(exc)) from None
         pool = max(k, candidates) if mode == "hybrid" else k
+        backend = self.backend
+        native = mode == "hybrid" and fusion == "rrf" and backend.native_fusion
         lexical_job = None
         if mode in ("bm25", "hybrid"):
-            # BM25 runs in a worker thread (its own SQLite connection; sqlite releases the GIL)
-            # while the query is embedded and FAISS searched here: the two overlap on 2 cores.
-            lexical_job = _search_pool().submit(bm25_search, self.workspace, self.id, query, pool, filters)
+            # BM25 runs in a worker thread (SQLite: its own connection, and sqlite releases the GIL)
+            # while the query is embedded and the dense index searched here: the two overlap on 2 cores.
+            lexical_job = _search_pool().submit(backend.bm25, query, pool, filters)
         dense: list[tuple[int, float]] = []
         qvec = None
         if mode in ("dense", "hybrid"):
             qvec = self.embedder.embed_batch([query])[0]
-            index = self.index()
-            ids = allowed_ids(self.conn, self.id, filters) if filters else None
-            dense = dense_search(index, qvec, pool, ids)
+            dense = backend.dense(qvec, pool, filters)
         lexical = lexical_job.result() if lexical_job is not None else []
         if mode == "dense":
             scored = dense[:k]
         elif mode == "bm25":
             scored = lexical[:k]
+        elif native:
+            scored = backend.hybrid_rrf(query, qvec, k, pool, filters)
         elif fusion == "rrf":
             scored = reciprocal_rank_fusion([dense, lexical], [1.0, 1.0])[:k]
         else:
             scored = convex_fusion(dense, lexical, alpha)[:k]
-        hits = fetch_hits(self.conn, scored)
+        hits = backend.fetch(scored)
         dense_rank = {cid: r for r, (cid, _) in enumerate(dense, start=1)}
         dense_sim = dict(dense)
         bm25_rank = {cid: r for r, (cid, _) in enumerate(lexical, start=1)}
@@ -252,7 +251,7 @@ class Collection:
         return hits
 
     def _vectors(self, ids: list[int]) -> dict[int, np.ndarray]:
-        return store.vectors_by_id(self.conn, ids)
+        return self.backend.vectors(ids)
 
     def documents(self) -> list[dict[str, Any]]:
         return store.document_summaries(self.conn, self.id)
@@ -264,22 +263,24 @@ class Collection:
         return text
 
     def chunks(self, doc: str) -> list[Chunk]:
-        import json
-
-        return [Chunk(r["text"], r["start"], r["end"], r["ordinal"], json.loads(r["metadata_json"]), id=r["id"], doc=doc)
-                for r in store.document_chunks(self.conn, self.id, str(doc))]
+        return self.backend.chunks(str(doc))
 
     def stats(self) -> dict[str, Any]:
         return {"name": self.name, "documents": store.document_count(self.conn, self.id),
-                "chunks": store.chunk_count(self.conn, self.id), "embedding_model": self.embedding_model,
-                "dimension": self.dimension, "index_type": self.index_type, "version": self.version()}
+                "chunks": self._chunk_count(), "embedding_model": self.embedding_model,
+                "dimension": self.dimension, "index_type": self.index_type, "version": self.version(),
+                "store": self.store_uri}
+
+    def _chunk_count(self) -> int:
+        """From the store for SQLite; from the catalog's per-document counts for an external store, so
+        listing collections works (and says where they live) even while that store is unreachable."""
+        if normalise_uri(self.store_uri) == SQLITE:
+            return store.chunk_count(self.conn, self.id)
+        return store.recorded_chunk_total(self.conn, self.id)
 
     def check(self) -> dict[str, int]:
-        """FAISS and SQLite counts and id sets agree? (used by tests and ``ragtune collections``)."""
-        index = self.index()
-        ids = store.chunk_ids(self.conn, self.id)
-        in_faiss = set(int(i) for i in faiss_ids(index))
-        return {"sqlite_chunks": len(ids), "faiss_vectors": int(index.ntotal), "mismatched": len(ids ^ in_faiss)}
+        """Catalog and chunk store agree (counts and id sets)? (used by tests and benches)."""
+        return self.backend.check()
 
 
 _POOL = None
@@ -338,25 +339,34 @@ class Workspace:
                 col = self._collections[int(row["id"])] = Collection(self, row)
             return col
 
-    def create(self, name: str, config: IndexConfig | None = None, *, exist_ok: bool = False) -> Collection:
-        """Create collection ``name``. When another process creates the same name at the same moment,
-        the write lock orders the two: the second gets "exists already" (or, with ``exist_ok``, the
-        collection the first one made), never a database error."""
+    def create(self, name: str, config: IndexConfig | None = None, *, exist_ok: bool = False,
+               store_uri: str | None = None) -> Collection:
+        """Create collection ``name`` with its chunks in ``store_uri`` (:mod:`rag.backends`; default
+        sqlite). When another process creates the same name at the same moment, the write lock orders
+        the two: the second gets "exists already" (or, with ``exist_ok``, the collection the first one
+        made), never a database error."""
         collection_name(name)
-        return self._create(name, config, exist_ok=exist_ok)
+        return self._create(name, config, exist_ok=exist_ok, store_uri=store_uri)
 
-    def _create(self, name: str, config: IndexConfig | None, *, exist_ok: bool) -> Collection:
+    def _create(self, name: str, config: IndexConfig | None, *, exist_ok: bool, store_uri: str | None = None) -> Collection:
         if self.exists(name):
             if exist_ok:
-                return self.get(name)
+                col = self.get(name)
+                if store_uri is not None and normalise_uri(store_uri) != normalise_uri(col.store_uri):
+                    raise CollectionError(
+                        f"collection {name!r} lives on {col.store_uri}, not {normalise_uri(store_uri)}; move it with: "
+                        f"ragtune reindex {name} --store {normalise_uri(store_uri)}")
+                return col
             raise CollectionError(f"collection {name!r} exists already")
+        uri = normalise_uri(store_uri)
+        check_reachable(uri)  # before anything is written or parsed: the URI and the fix
         config = config or IndexConfig()
         model_id, _ = resolve_embedding_model(config.embedding_model)
         embedder = get_embedder(config.embedding_model)
         try:
             with db.transaction(self.conn) as conn:  # BEGIN IMMEDIATE: the name check and the insert are atomic
                 cid = store.insert_collection(conn, name, model_id, embedder.dimension, config.index_type,
-                                              config_to_dict(config))
+                                              config_to_dict(config), uri)
         except sqlite3.IntegrityError:  # a database written by an older ragtune without the check above
             cid = None
         if cid is None and not exist_ok:
@@ -365,11 +375,12 @@ class Workspace:
 
     def index(self, name: str, paths: Iterable[str | os.PathLike], *, sync: bool = False, include: list[str] | None = None,
               exclude: list[str] | None = None, config: IndexConfig | None = None,
-              progress: bool | ProgressCallback = False, limits: dict[str, Any] | None = None) -> IndexReport:
-        """Index ``paths`` into ``name`` (created with ``config`` if missing); ``limits``: see
-        :meth:`Collection.index_paths`."""
+              progress: bool | ProgressCallback = False, limits: dict[str, Any] | None = None,
+              store_uri: str | None = None) -> IndexReport:
+        """Index ``paths`` into ``name`` (created with ``config`` on ``store_uri`` if missing; an existing
+        collection keeps the store it was created on); ``limits``: see :meth:`Collection.index_paths`."""
         collection_name(name)
-        col = self.create(name, config, exist_ok=True)
+        col = self.create(name, config, exist_ok=True, store_uri=store_uri)
         if config is not None:
             wanted, _ = resolve_embedding_model(config.embedding_model)
             if wanted != col.embedding_model:
@@ -379,7 +390,13 @@ class Workspace:
         return col.index_paths(paths, sync=sync, include=include, exclude=exclude, progress=progress, limits=limits)
 
     def drop(self, name: str) -> None:
+        """Drop the collection: its store's data first (a crash leaves the catalog row, and dropping
+        again finishes), then the catalog rows. A store that is gone is skipped (nothing to remove)."""
         col = self.get(name)
+        try:
+            col.backend.drop()
+        except StoreError:
+            pass
         with db.transaction(self.conn) as conn:
             store.delete_collection(conn, col.id)
         with self._lock:
@@ -387,10 +404,12 @@ class Workspace:
         shutil.rmtree(col.folder, ignore_errors=True)
 
     def reindex(self, name: str, model: str | None = None, progress: bool | ProgressCallback = False,
-                **overrides: Any) -> IndexReport:
-        """Re-chunk and re-embed every stored document (e.g. with another embedding model) into a
-        new collection, and swap it in only when complete; a crash leaves the old one untouched."""
+                store_uri: str | None = None, **overrides: Any) -> IndexReport:
+        """Re-chunk and re-embed every stored document (e.g. with another embedding model, or into
+        another store: ``store_uri``) into a new collection, and swap it in only when complete; a crash
+        leaves the old one untouched. The text comes from the catalog, so the old store may be gone."""
         old = self.get(name)
+        target_uri = normalise_uri(store_uri) if store_uri is not None else old.store_uri
         values = config_to_dict(old.config)
         if model:
             values["embedding_model"] = model
@@ -400,7 +419,7 @@ class Workspace:
         if self.exists(tmp_name):
             self.drop(tmp_name)
         started = time.perf_counter()
-        new = self._create(tmp_name, config, exist_ok=False)
+        new = self._create(tmp_name, config, exist_ok=False, store_uri=target_uri)
         report = IndexReport()
         reindex_documents(old, new, report, progress)
         new.save_index()
@@ -410,6 +429,10 @@ class Workspace:
         with self._lock:
             self._collections.pop(old.id, None)
             self._collections.pop(new.id, None)
+        try:  # after the swap: a crash before this leaves unused old chunks, never a half-empty collection
+            old.backend.drop()
+        except StoreError:
+            pass  # the old store is gone: nothing left to remove
         shutil.rmtree(old.folder, ignore_errors=True)
         stats = self.get(name).stats()
         report.total_documents, report.total_chunks = stats["documents"], stats["chunks"]

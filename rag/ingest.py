@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from core import db
 from rag import store
 from rag.chunking import Chunk, TokenChunker
 from rag.discovery import Candidate, kind_of
@@ -113,7 +112,8 @@ class Ingestion:
 
 
 def store_documents(collection: "Collection", pending: list[PendingDocument]) -> int:
-    """Embed the pending documents' chunks and commit them (replacing older versions) in one transaction."""
+    """Embed the pending documents' chunks and hand them to the collection's store, which commits them
+    (replacing older versions) crash-safely: one SQLite transaction, or a journaled Milvus write."""
     chunks = [c for p in pending for c in p.chunks]
     if not chunks:  # only documents without text (kept by reindex): nothing to embed
         vectors = np.zeros((0, collection.dimension), dtype=np.float32)
@@ -124,19 +124,7 @@ def store_documents(collection: "Collection", pending: list[PendingDocument]) ->
 
         raise CollectionError(f"embedder returned {vectors.shape[1]}-d vectors but {collection.name!r} holds "
                               f"{collection.dimension}-d")
-    new_ids: list[int] = []
-    removed: list[int] = []
-    with collection.write_lock, db.transaction(collection.conn) as conn:
-        for p in pending:
-            removed += store.delete_document(conn, collection.id, p.document.source) or []
-            n = len(p.chunks)
-            new_ids += store.insert_document(
-                conn, collection.id, path=p.document.source, root=p.root, content_hash=p.content_hash, size=p.size,
-                text=p.document.text, metadata=p.document.metadata, markers=p.document.markers, chunks=p.chunks,
-                vectors=vectors[len(new_ids):len(new_ids) + n])
-        new_version = store.bump_version(conn, collection.id)
-    collection.vectors.apply(new_version, removed, new_ids, vectors)
-    return len(new_ids)
+    return collection.backend.replace_documents(pending, vectors)
 
 
 def index_files(collection: "Collection", candidates: list[Candidate], report: "IndexReport",

@@ -67,8 +67,27 @@ def _m001_collections(conn: sqlite3.Connection) -> None:
     )
 
 
+def _m002_store_backends(conn: sqlite3.Connection) -> None:
+    """Where each collection's chunks live (``sqlite`` or a Milvus URI), per-document chunk counts (a
+    Milvus collection has no chunk rows here) and the journal that makes a Milvus write crash-safe."""
+    db.run_script(conn,
+        """
+        ALTER TABLE collections ADD COLUMN store TEXT NOT NULL DEFAULT 'sqlite';
+        ALTER TABLE documents ADD COLUMN chunk_count INTEGER;
+        CREATE TABLE store_journal (
+            collection_id INTEGER NOT NULL REFERENCES collections(id) ON DELETE CASCADE,
+            path TEXT NOT NULL,
+            content_hash TEXT NOT NULL,
+            phase TEXT NOT NULL CHECK (phase IN ('write', 'clean')),
+            PRIMARY KEY (collection_id, path)
+        );
+        """
+    )
+
+
 MIGRATIONS: list[tuple[str, db.Migration]] = [
     ("collections, documents, chunks", _m001_collections),
+    ("store backends: collections.store, documents.chunk_count, store_journal", _m002_store_backends),
 ]
 
 
@@ -119,16 +138,16 @@ def collection_names(conn: sqlite3.Connection) -> list[str]:
 
 
 def insert_collection(conn: sqlite3.Connection, name: str, embedding_model: str, dimension: int, index_type: str,
-                      config: dict[str, Any]) -> int | None:
+                      config: dict[str, Any], store_uri: str = "sqlite") -> int | None:
     """Insert a collection and its FTS table inside the caller's (IMMEDIATE) transaction; returns its
     id, or None when another process created ``name`` first (the caller decides what that means)."""
     if conn.execute("SELECT 1 FROM collections WHERE name = ?", (name,)).fetchone() is not None:
         return None
     now = time.time()
     cid = conn.execute(
-        "INSERT INTO collections (name, embedding_model, dimension, index_type, config_json, version, created_at, updated_at) "
-        "VALUES (?, ?, ?, ?, ?, 0, ?, ?)",
-        (name, embedding_model, dimension, index_type, json.dumps(config), now, now)).lastrowid
+        "INSERT INTO collections (name, embedding_model, dimension, index_type, config_json, version, created_at, updated_at, store) "
+        "VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?)",
+        (name, embedding_model, dimension, index_type, json.dumps(config), now, now, store_uri)).lastrowid
     create_fts(conn, int(cid))
     return int(cid)
 
@@ -180,14 +199,20 @@ def delete_document(conn: sqlite3.Connection, collection_id: int, path: str) -> 
 
 
 def insert_document(conn: sqlite3.Connection, collection_id: int, *, path: str, root: str | None, content_hash: str,
-                    size: int, text: str, metadata: dict, markers: list, chunks: list, vectors: np.ndarray) -> list[int]:
-    """Insert a document with its chunks (and their FTS rows); returns the new chunk ids."""
+                    size: int, text: str, metadata: dict, markers: list, chunks: list, vectors: np.ndarray,
+                    chunk_rows: bool = True) -> list[int]:
+    """Insert a document with its chunks (and their FTS rows); returns the new chunk ids. With
+    ``chunk_rows=False`` (a collection whose chunks live in another store) only the document row and
+    its chunk count are written."""
     fts = fts_table(collection_id)
     doc_id = conn.execute(
-        "INSERT INTO documents (collection_id, path, root, content_hash, size, text, metadata_json, markers_json, indexed_at) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (collection_id, path, root, content_hash, size, text, json.dumps(metadata), json.dumps(markers), time.time())).lastrowid
-    ids = []
+        "INSERT INTO documents (collection_id, path, root, content_hash, size, text, metadata_json, markers_json, indexed_at, chunk_count) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (collection_id, path, root, content_hash, size, text, json.dumps(metadata), json.dumps(markers), time.time(),
+         len(chunks))).lastrowid
+    ids: list[int] = []
+    if not chunk_rows:
+        return ids
     for chunk, vector in zip(chunks, vectors):
         chunk_id = conn.execute(
             "INSERT INTO chunks (document_id, collection_id, ordinal, start, end, text, metadata_json, vector) "
@@ -234,7 +259,8 @@ def vectors_by_id(conn: sqlite3.Connection, ids: list[int]) -> dict[int, np.ndar
 
 def document_summaries(conn: sqlite3.Connection, collection_id: int) -> list[dict[str, Any]]:
     rows = conn.execute(
-        "SELECT d.path, d.content_hash, d.size, d.indexed_at, d.metadata_json, COUNT(c.id) AS chunks "
+        "SELECT d.path, d.content_hash, d.size, d.indexed_at, d.metadata_json, "
+        "CASE WHEN COUNT(c.id) > 0 THEN COUNT(c.id) ELSE COALESCE(d.chunk_count, 0) END AS chunks "
         "FROM documents d LEFT JOIN chunks c ON c.document_id = d.id WHERE d.collection_id = ? "
         "GROUP BY d.id ORDER BY d.path", (collection_id,)).fetchall()
     return [{"path": r["path"], "content_hash": r["content_hash"], "size": r["size"], "chunks": r["chunks"],
@@ -250,3 +276,34 @@ def document_chunks(conn: sqlite3.Connection, collection_id: int, path: str) -> 
     return conn.execute(
         "SELECT c.id, c.text, c.start, c.end, c.ordinal, c.metadata_json FROM chunks c JOIN documents d ON d.id = c.document_id "
         "WHERE d.collection_id = ? AND d.path = ? ORDER BY c.start", (collection_id, path)).fetchall()
+
+
+def set_store(conn: sqlite3.Connection, collection_id: int, store_uri: str) -> None:
+    conn.execute("UPDATE collections SET store = ? WHERE id = ?", (store_uri, collection_id))
+
+
+def document_chunk_counts(conn: sqlite3.Connection, collection_id: int) -> dict[str, tuple[str, int]]:
+    """path -> (content hash, chunk count recorded with the document) (a Milvus collection's catalog)."""
+    return {r[0]: (r[1], int(r[2] or 0)) for r in conn.execute(
+        "SELECT path, content_hash, chunk_count FROM documents WHERE collection_id = ?", (collection_id,))}
+
+
+def recorded_chunk_total(conn: sqlite3.Connection, collection_id: int) -> int:
+    return int(conn.execute("SELECT COALESCE(SUM(chunk_count), 0) FROM documents WHERE collection_id = ?",
+                            (collection_id,)).fetchone()[0])
+
+
+# --- the journal of writes to an external store (rag/milvus_store.py) ---------------------------
+
+def journal_write(conn: sqlite3.Connection, collection_id: int, entries: list[tuple[str, str]], phase: str) -> None:
+    conn.executemany("INSERT OR REPLACE INTO store_journal (collection_id, path, content_hash, phase) VALUES (?, ?, ?, ?)",
+                     [(collection_id, path, digest, phase) for path, digest in entries])
+
+
+def journal_entries(conn: sqlite3.Connection, collection_id: int) -> list[tuple[str, str, str]]:
+    return [(r[0], r[1], r[2]) for r in conn.execute(
+        "SELECT path, content_hash, phase FROM store_journal WHERE collection_id = ? ORDER BY path", (collection_id,))]
+
+
+def journal_clear(conn: sqlite3.Connection, collection_id: int, paths: list[str]) -> None:
+    conn.executemany("DELETE FROM store_journal WHERE collection_id = ? AND path = ?", [(collection_id, p) for p in paths])

@@ -74,12 +74,17 @@ def index_cmd(
     settings: List[str] = typer.Option([], "--set", help="index config KEY=VALUE (repeatable): any key for a new collection; "
                                        "for an existing one the run-time limits max_file_mb, max_text_chars, "
                                        "max_seconds_per_file, batch_size, group_chunks (this run only)"),
+    store_uri: Optional[str] = typer.Option(None, "--store", help="where a new collection's chunks live: sqlite (default), "
+                                            "milvus:///abs/path.db (Milvus Lite) or http://host:19530 (Milvus; token "
+                                            "from RAGTUNE_MILVUS_TOKEN); recorded, later commands use it"),
     as_json: bool = JsonOption,
     home: Optional[str] = HomeOption,
 ) -> None:
     """Index files and folders (.txt .md .html .pdf .docx .jsonl) into a collection; re-runs only embed what changed.
 
     Example: ragtune index corpora/corvida/docs --collection corvida --sync --set max_text_chars=20000000
+
+    Example: ragtune index docs/ --collection big --store milvus:///srv/ragtune/milvus.db
     """
     from core.config import build_config, parse_overrides
     from rag.collection import IndexConfig
@@ -98,7 +103,7 @@ def index_cmd(
         values.update(extra)
     config = build_config(IndexConfig, values, source="options") if values else None
     report = ws.index(collection, paths, sync=sync, include=include, exclude=exclude, config=config, limits=limits,
-                      progress=not as_json and sys.stderr.isatty() or os.environ.get("RAGTUNE_PROGRESS") == "1")
+                      store_uri=store_uri, progress=not as_json and sys.stderr.isatty() or os.environ.get("RAGTUNE_PROGRESS") == "1")
     if as_json:
         emit(report.to_dict())
     else:
@@ -143,7 +148,7 @@ def search_cmd(
 
 @app.command("collections")
 def collections_cmd(as_json: bool = JsonOption, home: Optional[str] = HomeOption) -> None:
-    """List collections with their document and chunk counts.
+    """List collections with their document and chunk counts and the store their chunks live in.
 
     Example: ragtune collections --json
     """
@@ -155,7 +160,7 @@ def collections_cmd(as_json: bool = JsonOption, home: Optional[str] = HomeOption
         typer.echo("no collections yet; create one with: ragtune index PATH --collection NAME")
     for r in rows:
         typer.echo(f"{r['name']}: {r['documents']} documents, {r['chunks']} chunks, {r['embedding_model']} "
-                   f"({r['dimension']}-d, {r['index_type']})")
+                   f"({r['dimension']}-d, {r['index_type']}), store {r['store']}")
 
 
 @app.command("rm-docs")
@@ -189,20 +194,25 @@ def reindex_cmd(
     collection: str = typer.Argument(..., help="collection name"),
     model: Optional[str] = typer.Option(None, "--model", help="new embedding model: 'default', a local folder or a hub id"),
     chunk_tokens: Optional[int] = typer.Option(None, "--chunk-tokens", help="new chunk size in tokens"),
+    store_uri: Optional[str] = typer.Option(None, "--store", help="move the collection to this store: sqlite, "
+                                            "milvus:///abs/path.db or http://host:19530 (re-uses the stored text)"),
     as_json: bool = JsonOption,
     home: Optional[str] = HomeOption,
 ) -> None:
-    """Rebuild a collection from its stored documents (new model or chunking); swapped in only when complete.
+    """Rebuild a collection from its stored documents (new model, chunking or store); swapped in only when complete.
 
     Example: ragtune reindex corvida --model /models/bge-small-en
+
+    Example: ragtune reindex corvida --store milvus:///srv/ragtune/milvus.db
     """
     overrides = {"chunk_tokens": chunk_tokens} if chunk_tokens else {}
-    report = workspace(home).reindex(collection, model, progress=not as_json and sys.stderr.isatty(), **overrides)
+    report = workspace(home).reindex(collection, model, progress=not as_json and sys.stderr.isatty(),
+                                     store_uri=store_uri, **overrides)
     if as_json:
         emit(report.to_dict())
     else:
         typer.echo(f"{collection}: re-embedded {report.total_documents} documents into {report.total_chunks} chunks "
-                   f"in {report.seconds:.1f}s")
+                   f"in {report.seconds:.1f}s (store {workspace(home).get(collection).store_uri})")
 
 
 # --- serving commands: ask, chat, serve (serving/assistant.py, serving/openai_server.py) ---------------

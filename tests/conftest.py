@@ -47,6 +47,15 @@ def small_docs(tmp_path) -> Path:
     return root
 
 
+@pytest.fixture(params=["sqlite", "milvus"])
+def store_uri(request, tmp_path) -> str:
+    """Each chunk store in turn: the default SQLite + FAISS, and Milvus Lite in a temp folder (Milvus Lite
+    3.2 runs in-process, so a fresh file per test costs well under a second; nothing to share)."""
+    if request.param == "sqlite":
+        return "sqlite"
+    return f"milvus://{tmp_path / 'milvus.db'}"
+
+
 # --- tuning fixtures ---
 @pytest.fixture(scope="session")
 def tuning_home(tmp_path_factory) -> Path:
