@@ -19,7 +19,7 @@ The loop, timed end to end (``loop_wall_s``, setup excluded):
 
 Baseline = the current assistant's test ``correct``, ragtune = the candidate's; ``loop_correct_gain``
 is their paired difference with its 95% bootstrap CI. ``gate_follows_rule`` checks the decision against
-the rule recomputed from the printed figures. ``--quick``: 60 train questions, 30 steps, 40 test questions.
+the rule recomputed from the printed figures. ``--quick``: 30 train questions, 20 steps, 30 test questions.
 JSON lines: ``{"bench": "loop", "metric", "value", "baseline", "ragtune", "unit", "goal", ...}``.
 """
 
@@ -103,16 +103,16 @@ def simulate_users(assistant, questions: list[dict], current: str | None) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="60 train questions, 30 training steps, 40 test questions")
+    parser.add_argument("--quick", action="store_true", help="30 train questions, 20 training steps, 30 test questions")
     parser.add_argument("--home", default=None, help="workspace (default: a fresh temp dir, the demo corpus indexed)")
     parser.add_argument("--current", default=None, help="the current adapter (default: none, the base model in rag)")
     parser.add_argument("--train-questions", type=int, default=0, help="train questions the users ask (0 = by --quick)")
     parser.add_argument("--test-questions", type=int, default=0, help="test questions for the gate (0 = by --quick)")
     parser.add_argument("--steps", type=int, default=0, help="candidate training steps (0 = by --quick)")
     args = parser.parse_args()
-    n_train = args.train_questions or (60 if args.quick else 240)
-    n_test = args.test_questions or (40 if args.quick else 0)
-    steps = args.steps or (30 if args.quick else 80)
+    n_train = args.train_questions or (30 if args.quick else 240)
+    n_test = args.test_questions or (30 if args.quick else 0)
+    steps = args.steps or (20 if args.quick else 80)
 
     home = Path(args.home) if args.home else Path(tempfile.mkdtemp(prefix="loop-bench-"))
     t0 = time.perf_counter()
