@@ -83,17 +83,16 @@ def loop_home(tuning_home, tmp_path_factory):
     return home
 
 
+SERVE = {"max_new_tokens": 16, "source_tokens": 96, "k": 2}
+
+
 @pytest.fixture(scope="module")
 def loop_assistant(loop_home):
-    from rag.collection import Workspace
-    from serving.assistant import Assistant
-    from serving.config import ServeConfig
-    from serving.generation import LocalGenerator
-    from serving.history import ChatStore
+    """The app's engine for this workspace and serving config (the AppTest below then reuses it)."""
+    from core.workspace import ragtune_home
+    from serving import webapp
 
-    ws = Workspace(loop_home)
-    generator = LocalGenerator("smollm2-135m-instruct", loop_home, quantize="int8")
-    return Assistant(ws, generator, ServeConfig(max_new_tokens=16, source_tokens=96, k=2), ChatStore(ws.db_path))
+    return webapp.engine(str(ragtune_home(loop_home)), webapp.serve_config_json(SERVE)).wait()
 
 
 def test_corrections_export_in_the_served_layout_with_flags(loop_home, loop_assistant, smol_tokenizer, tmp_path):
@@ -250,7 +249,7 @@ def test_cli_feedback_and_promote_refuse_bad_names(loop_home, tmp_path):
     assert json.loads(r.stdout)["sha256"] and (tmp_path / "cli.jsonl").exists()
 
 
-def test_app_correction_promoted_default_and_feedback_panel(loop_home, tmp_path, monkeypatch):
+def test_app_correction_promoted_default_and_feedback_panel(loop_home, loop_assistant, tmp_path, monkeypatch):
     """The chat stores a correction; a promotion made outside the app becomes the chat's adapter on the next
     rerun; the Tuning page's panel counts feedback, builds the dataset, runs the gate and rolls back."""
     from streamlit.testing.v1 import AppTest
@@ -259,7 +258,7 @@ def test_app_correction_promoted_default_and_feedback_panel(loop_home, tmp_path,
     from serving.history import ChatStore
 
     config = tmp_path / "serve.yaml"
-    config.write_text("max_new_tokens: 16\nsource_tokens: 96\nk: 2\n", encoding="utf-8")
+    config.write_text("".join(f"{k}: {v}\n" for k, v in SERVE.items()), encoding="utf-8")
     monkeypatch.setenv("RAGTUNE_HOME", str(loop_home))
     monkeypatch.setenv("RAGTUNE_SERVE_CONFIG", str(config))
     (loop_home / "data").mkdir(exist_ok=True)
