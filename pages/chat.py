@@ -29,6 +29,15 @@ if state.get("chat_collection") not in collections:
                              else collections[0] if collections else None)
 if state.get("chat_adapter") not in usable:
     state.chat_adapter = usable[0] if usable else None
+# the collection's promoted adapter becomes the choice whenever it changes (a promotion or rollback made
+# elsewhere is picked up on the next rerun, no restart); a choice made after that is kept
+promoted = webapp.promoted_adapter(home, state.chat_collection)
+if promoted != state.get("chat_promoted_seen"):
+    state.chat_promoted_seen = promoted
+    if promoted in usable:
+        state.chat_adapter = promoted
+        if state.get("mode", "rag") == "rag":
+            state.mode = "rag+ft"
 with st.sidebar:
     mode = st.radio("Mode", MODES, index=1, horizontal=True, key="mode",
                     help="base: the model alone · rag: retrieved sources · ft: a fine-tuned adapter · rag+ft: both")
@@ -89,6 +98,29 @@ def show_answer(answer: dict) -> None:
         if vote is not None and vote != answer.get("vote"):
             webapp.set_feedback(home, message_id, 1 if vote == 1 else -1)
             answer["vote"] = vote
+        correction_form(answer, message_id)
+
+
+NOT_IN_SOURCES = "not in the sources"
+
+
+def correction_form(answer: dict, message_id: int) -> None:
+    """Write the right answer (and which source holds it): stored with the question, mode, adapter,
+    collection version and the sources this answer saw; `ragtune feedback export` makes training rows of it."""
+    with st.expander("Correct this answer", icon=":material/edit:"):
+        with st.form(f"correct_{message_id}", clear_on_submit=False, border=False):
+            text = st.text_area("The right answer", key=f"correction_{message_id}", max_chars=4000)
+            options = ["(not given)"] + [f"[{s['n']}] {s['doc']}" for s in answer.get("sources") or []] + [NOT_IN_SOURCES]
+            where = st.selectbox("Which source holds it?", options, key=f"correction_source_{message_id}")
+            sent = st.form_submit_button("Save correction")
+        if sent:
+            source_n = int(where[1:where.index("]")]) if where.startswith("[") else None
+            try:
+                cid = webapp.record_correction(home, message_id, text, source_n, where == NOT_IN_SOURCES)
+                answer["corrected"] = cid
+                st.success(f"Saved (correction {cid}). It becomes training data on the Tuning page's \"From feedback\" panel.")
+            except webapp.USER_ERRORS as exc:
+                st.error(str(exc))
 
 
 for message in state.messages:

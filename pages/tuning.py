@@ -1,5 +1,8 @@
 """Tuning: start a `ragtune tune` run in a subprocess (one folder per run), watch its loss, progress and
-readable log live; stop, resume, or keep a stopped run's checkpoint as an adapter; manage adapters."""
+readable log live; stop, resume, or keep a stopped run's checkpoint as an adapter; the feedback loop (corrections
+-> dataset -> candidate -> gate -> promote / roll back); manage adapters."""
+
+import time
 
 import streamlit as st
 
@@ -102,6 +105,78 @@ def runs_panel() -> None:
 
 
 runs_panel()
+
+st.subheader("From feedback")
+collections = webapp.collections(home)
+if not collections:
+    st.caption("No collection yet: corrections and votes are kept per collection.")
+else:
+    fb_collection = st.selectbox("Collection", collections, key="fb_collection")
+    waiting = webapp.feedback_pending(home, fb_collection)
+    current = webapp.promoted_adapter(home, fb_collection)
+    c1, c2, c3, c4 = st.columns(4)
+    c1.metric("Corrections", waiting["corrections"])
+    c2.metric("Thumbs up", waiting["thumbs_up"])
+    c3.metric("Arena votes with a winner", waiting["arena_votes"])
+    c4.metric("Current adapter", current or "none")
+    st.caption("1. build the dataset · 2. train a candidate (background run, above) · 3. run the gate: a paired A/B "
+               "on held-out questions, candidate vs current in rag+ft · 4. promote (or roll back) with the evidence.")
+    b1, b2 = st.columns(2)
+    keep_thumbs = b1.checkbox("Keep thumbs-up answers as positive rows", key="fb_thumbs")
+    if b1.button("Build the dataset", key="fb_build"):
+        try:
+            state.fb_export = webapp.export_feedback(home, fb_collection, keep_thumbs)
+        except ERRORS as exc:
+            st.error(str(exc))
+    if state.get("fb_export"):
+        r = state.fb_export
+        b1.success(f"{r['rows']} rows ({r['abstention_rows']} abstention, {r['thumbs_up_rows']} thumbs-up) and "
+                   f"{r['pairs']} preference pairs; sha256 {r['sha256'][:12]}")
+        for f in r["flagged_changed"]:
+            b1.warning(f"{f['feedback']} left out: document(s) changed since: {', '.join(f['documents'])}")
+    candidate_name = b2.text_input("Candidate adapter name", value=f"{fb_collection}-fb", key="fb_name")
+    fb_steps = b2.number_input("max_steps", min_value=1, value=30, key="fb_steps")
+    if b2.button("Train the candidate", key="fb_train", disabled=not state.get("fb_export", {}).get("rows")):
+        try:
+            job = jobs.start(home, webapp.feedback_tune_values(home, fb_collection, candidate_name.strip(), fb_steps), store)
+            state.follow_run = job.run_id
+            b2.success(f"started run {job.run_id} ({candidate_name}); follow it under Runs")
+        except ERRORS as exc:
+            b2.error(str(exc))
+    names = [a["name"] for a in tune_jobs.list_adapters(home) if not a.get("error") and a["name"] != current]
+    g1, g2 = st.columns(2)
+    gate_candidate = g1.selectbox("Candidate", names, key="fb_candidate", placeholder="no adapter yet")
+    gate_questions = g2.text_input("Held-out questions", value=webapp.default_gate_questions(home, fb_collection),
+                                   key="fb_questions", help="never the rows the candidate was trained on")
+    gate_limit = g1.number_input("Only the first N questions (0 = all)", min_value=0, value=0, key="fb_limit")
+    if g2.button("Run the gate", key="fb_gate", disabled=not gate_candidate):
+        bar = st.progress(0.0, text="gate: starting")
+        try:
+            state.fb_decision = webapp.run_gate(home, gate_candidate, fb_collection, gate_questions.strip(), int(gate_limit),
+                                                progress=lambda d, t, m: bar.progress(d / max(t, 1), text=f"gate: {d}/{t} {m}"))
+        except ERRORS as exc:
+            st.error(str(exc))
+        bar.empty()
+    decision = state.get("fb_decision")
+    if decision and decision["collection"] == fb_collection:
+        (st.success if decision["promote"] else st.warning)(decision["summary"].splitlines()[0])
+        st.code(decision["summary"], language=None)
+        label = "Promote" if decision["promote"] else "Promote anyway (recorded as forced)"
+        if st.button(label, key="fb_promote", disabled=decision["candidate"] == current):
+            pid = webapp.promote(home, fb_collection, decision)
+            st.success(f"{decision['candidate']} is now the default adapter of {fb_collection} (promotion {pid})")
+            st.rerun()
+    history = webapp.promotion_history(home, fb_collection)
+    if history:
+        st.dataframe([{"when": time.strftime("%Y-%m-%d %H:%M", time.localtime(h["created_at"])), "action": h["action"],
+                       "adapter": h["adapter"] or "none", "forced": h["forced"], "by": h["actor"],
+                       "correct diff [CI]": (f"{h['evidence']['correct']['mean']:+.3f} [{h['evidence']['correct']['ci_low']:+.3f}, "
+                                             f"{h['evidence']['correct']['ci_high']:+.3f}]" if h["evidence"].get("correct") else ""),
+                       "current after": h["current_after"] or "none"} for h in history], hide_index=True)
+    if current and st.button(f"Roll back {current}", key="fb_rollback"):
+        restored = webapp.rollback(home, fb_collection)
+        st.success(f"rolled back: the default adapter of {fb_collection} is now {restored or 'none'}")
+        st.rerun()
 
 st.subheader("Adapters")
 adapters = tune_jobs.list_adapters(home)

@@ -42,8 +42,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from serving.config import ServingError
     from tuning.errors import TuningError
 
+    from serving.feedback import FeedbackError
+    from serving.promotion import PromotionError
+
     return (CollectionError, ConfigError, DocumentError, EmbeddingModelError, TuningError, SquadImportError, ServingError,
-            InvalidName)
+            InvalidName, FeedbackError, PromotionError)
 
 
 def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
@@ -242,6 +245,13 @@ def _assistant(home: Optional[str], config: Optional[Path], overrides: List[str]
         fail(str(exc))
 
 
+def _promoted(home: Optional[str], collection: Optional[str], mode: Optional[str]) -> Optional[str]:
+    """The collection's promoted adapter when the user named none (issue 13: serving.promotion)."""
+    from serving.promotion import default_adapter
+
+    return default_adapter(home, collection, mode)
+
+
 def _infer_mode(mode: Optional[str], collection: Optional[str], adapter: Optional[str]) -> str:
     from serving.modes import infer_mode
 
@@ -282,6 +292,7 @@ def ask_cmd(
     if mode and mode not in MODES:
         fail(f"unknown mode {mode!r}; use one of: {', '.join(MODES)}")
     _check_names(collection, adapter)
+    adapter = adapter or _promoted(home, collection, mode)
     assistant = _assistant(home, config, overrides)
     try:
         stream = assistant.stream(question, _infer_mode(mode, collection, adapter), collection, adapter, k=k,
@@ -314,6 +325,7 @@ def chat_cmd(
     from serving.prompts import Turn
 
     _check_names(collection, adapter)
+    adapter = adapter or _promoted(home, collection, mode)
     assistant = _assistant(home, config, overrides)
     mode = _infer_mode(mode, collection, adapter)
     history: list[Any] = []
@@ -400,11 +412,12 @@ def serve_cmd(
 
 
 def _register_plugins() -> None:
-    from serving import tune_commands
+    from serving import loop_commands, tune_commands
     from serving.ab import commands as ab_commands
 
     tune_commands.register(app)
     ab_commands.register(app)
+    loop_commands.register(app)
 
 
 def _quiet_libraries() -> None:

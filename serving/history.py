@@ -1,5 +1,5 @@
 """What outlives a session: chats, answers (with mode, collection version, adapter, timings), feedback
-votes and tuning runs, in the workspace's ``ragtune.db`` under the ``serving`` migration namespace."""
+votes, corrections, promotions and tuning runs, in the workspace's ``ragtune.db`` under the ``serving`` migration namespace."""
 
 from __future__ import annotations
 
@@ -68,9 +68,53 @@ def _m002_tuning_runs(conn: sqlite3.Connection) -> None:
     """)
 
 
+def _m003_corrections(conn: sqlite3.Connection) -> None:
+    # One correction per answer (a later one replaces it). The question, mode, adapter, collection and
+    # its version are copied from the answer, and ``sources_json`` keeps the exact sources the answer saw
+    # (text included) with each document's content hash then, so an export can rebuild the prompt and
+    # flag feedback whose document has changed since.
+    run_script(conn, """
+        CREATE TABLE corrections (
+            id INTEGER PRIMARY KEY,
+            message_id INTEGER NOT NULL UNIQUE REFERENCES messages(id) ON DELETE CASCADE,
+            question TEXT NOT NULL,
+            mode TEXT NOT NULL,
+            adapter TEXT,
+            collection TEXT,
+            collection_version INTEGER,
+            answer TEXT NOT NULL,
+            correction TEXT NOT NULL,
+            source_n INTEGER,
+            not_in_sources INTEGER NOT NULL DEFAULT 0,
+            sources_json TEXT NOT NULL DEFAULT '[]',
+            doc_hashes_json TEXT NOT NULL DEFAULT '{}',
+            created_at REAL NOT NULL
+        )
+    """)
+
+
+def _m004_promotions(conn: sqlite3.Connection) -> None:
+    # Append-only history of each collection's current adapter (serving.promotion replays it).
+    run_script(conn, """
+        CREATE TABLE promotions (
+            id INTEGER PRIMARY KEY,
+            collection TEXT NOT NULL,
+            action TEXT NOT NULL CHECK (action IN ('promote', 'rollback')),
+            adapter TEXT,
+            forced INTEGER NOT NULL DEFAULT 0,
+            actor TEXT NOT NULL DEFAULT '',
+            evidence_json TEXT NOT NULL DEFAULT '{}',
+            created_at REAL NOT NULL
+        );
+        CREATE INDEX promotions_collection ON promotions(collection, id)
+    """)
+
+
 MIGRATIONS = [
     ("chats, messages, feedback", _m001_chats),
     ("tuning runs started from the app", _m002_tuning_runs),
+    ("corrections of answers", _m003_corrections),
+    ("promoted adapters per collection", _m004_promotions),
 ]
 NAMESPACE = "serving"
 
@@ -160,6 +204,85 @@ class ChatStore:
             "SELECT m.mode, COALESCE(m.adapter, '') AS adapter, SUM(f.vote = 1) AS up, SUM(f.vote = -1) AS down "
             "FROM feedback f JOIN messages m ON m.id = f.message_id GROUP BY m.mode, m.adapter ORDER BY m.mode")
         return [dict(r) for r in rows]
+
+    # --- corrections (issue 13) --------------------------------------------------------------
+    def answer_row(self, message_id: int) -> dict[str, Any] | None:
+        """The stored answer ``message_id`` with its question (the user message before it in its chat)."""
+        row = self.conn.execute("SELECT * FROM messages WHERE id = ? AND role = 'assistant'", (message_id,)).fetchone()
+        if row is None:
+            return None
+        d = dict(row)
+        q = self.conn.execute("SELECT content FROM messages WHERE chat_id = ? AND role = 'user' AND id < ? "
+                              "ORDER BY id DESC LIMIT 1", (d["chat_id"], message_id)).fetchone()
+        d["question"] = q[0] if q else ""
+        for key in ("sources_json", "cited_json", "timings_json"):
+            d[key[:-5]] = json.loads(d.pop(key))
+        return d
+
+    def add_correction(self, message_id: int, correction: str, source_n: int | None, not_in_sources: bool,
+                       doc_hashes: dict[str, str | None]) -> int:
+        """Store (or replace) the correction of answer ``message_id``; copies the question, mode, adapter,
+        collection version and the sources the answer saw from the stored answer, in one transaction."""
+        with db.transaction(self.conn) as conn:
+            row = conn.execute("SELECT * FROM messages WHERE id = ? AND role = 'assistant'", (message_id,)).fetchone()
+            if row is None:
+                raise ValueError(f"no answer with id {message_id} to correct")
+            q = conn.execute("SELECT content FROM messages WHERE chat_id = ? AND role = 'user' AND id < ? "
+                             "ORDER BY id DESC LIMIT 1", (row["chat_id"], message_id)).fetchone()
+            conn.execute(
+                "INSERT INTO corrections (message_id, question, mode, adapter, collection, collection_version, answer, "
+                "correction, source_n, not_in_sources, sources_json, doc_hashes_json, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(message_id) DO UPDATE SET "
+                "correction = excluded.correction, source_n = excluded.source_n, not_in_sources = excluded.not_in_sources, "
+                "doc_hashes_json = excluded.doc_hashes_json, created_at = excluded.created_at",
+                (message_id, q[0] if q else "", row["mode"], row["adapter"], row["collection"], row["collection_version"],
+                 row["content"], correction, source_n, int(not_in_sources), row["sources_json"], json.dumps(doc_hashes, sort_keys=True),
+                 time.time()))
+            return int(conn.execute("SELECT id FROM corrections WHERE message_id = ?", (message_id,)).fetchone()[0])
+
+    def corrections(self, collection: str | None = None) -> list[dict[str, Any]]:
+        """Corrections, oldest first; with ``collection``, those on answers from it (and closed-book answers
+        have no collection: they are included only when ``collection`` is None)."""
+        sql = "SELECT * FROM corrections" + (" WHERE collection = ?" if collection else "") + " ORDER BY id"
+        out = []
+        for r in self.conn.execute(sql, (collection,) if collection else ()).fetchall():
+            d = dict(r)
+            d["sources"] = json.loads(d.pop("sources_json"))
+            d["doc_hashes"] = json.loads(d.pop("doc_hashes_json"))
+            out.append(d)
+        return out
+
+    def thumbs_up(self, collection: str | None = None) -> list[dict[str, Any]]:
+        """Answers voted up (with their question and sources), oldest vote first."""
+        sql = ("SELECT f.id AS feedback_id, m.id AS message_id FROM feedback f JOIN messages m ON m.id = f.message_id "
+               "WHERE f.vote = 1 AND m.refused = 0" + (" AND m.collection = ?" if collection else "") + " ORDER BY f.id")
+        rows = self.conn.execute(sql, (collection,) if collection else ()).fetchall()
+        out = []
+        for r in rows:
+            d = self.answer_row(r["message_id"])
+            if d is not None:
+                d["feedback_id"] = r["feedback_id"]
+                out.append(d)
+        return out
+
+    # --- promotions (serving.promotion) -------------------------------------------------------
+    def add_promotion(self, collection: str, action: str, adapter: str | None, forced: bool, actor: str,
+                      evidence: dict[str, Any]) -> int:
+        with db.transaction(self.conn) as conn:
+            return int(conn.execute(
+                "INSERT INTO promotions (collection, action, adapter, forced, actor, evidence_json, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)", (collection, action, adapter, int(forced), actor,
+                                                 json.dumps(evidence, default=str), time.time())).lastrowid)
+
+    def promotions(self, collection: str) -> list[dict[str, Any]]:
+        rows = self.conn.execute("SELECT * FROM promotions WHERE collection = ? ORDER BY id", (collection,)).fetchall()
+        out = []
+        for r in rows:
+            d = dict(r)
+            d["evidence"] = json.loads(d.pop("evidence_json"))
+            d["forced"] = bool(d["forced"])
+            out.append(d)
+        return out
 
     # --- tuning runs --------------------------------------------------------------------------
     def add_run(self, name: str, config_path: str | None, overrides: list[str], pid: int, output_path: str) -> int:

@@ -663,3 +663,89 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# ------------------------------------------------------------------------- feedback loop (issue 13)
+
+def record_correction(home: str | os.PathLike, message_id: int, correction: str, source_n: int | None,
+                      not_in_sources: bool) -> int:
+    from serving.feedback import record_correction as record
+
+    return record(chat_store(home), _workspace(home), message_id, correction, source_n, not_in_sources)
+
+
+def promoted_adapter(home: str | os.PathLike, collection: str | None) -> str | None:
+    """The collection's current (promoted) adapter, read on every call: a promotion is seen without a restart."""
+    from serving.promotion import current_adapter
+
+    return current_adapter(home, collection)
+
+
+def feedback_pending(home: str | os.PathLike, collection: str) -> dict[str, int]:
+    from serving.feedback import pending
+
+    return pending(home, collection)
+
+
+def feedback_dataset_path(home: str | os.PathLike, collection: str) -> Path:
+    from core.names import child_path
+
+    folder = Layout(Path(home)).data / "feedback"
+    folder.mkdir(parents=True, exist_ok=True)
+    return child_path(folder, collection, "collection name").with_suffix(".jsonl")
+
+
+def export_feedback(home: str | os.PathLike, collection: str, thumbs_up: bool) -> dict[str, Any]:
+    from serving.feedback import export_feedback as export
+
+    return export(home, collection, feedback_dataset_path(home, collection), thumbs_up=thumbs_up).to_dict()
+
+
+def feedback_tune_values(home: str | os.PathLike, collection: str, name: str, max_steps: int) -> dict[str, Any]:
+    """The run config the panel starts: a LoRA on the exported rows, with the forgetting probe the gate reads."""
+    return {**{k: v for k, v in DEMO_TUNE.items() if k not in ("name", "data", "max_steps")}, "name": name,
+            "data": [str(feedback_dataset_path(home, collection))], "max_steps": int(max_steps), "val_share": 0.0,
+            "forgetting_probe": True, "probe_limit": 10, "overwrite": True}
+
+
+def default_gate_questions(home: str | os.PathLike, collection: str) -> str:
+    from serving.promotion import PromotionError, default_questions
+
+    try:
+        return default_questions(home, collection)
+    except PromotionError:
+        return ""
+
+
+def run_gate(home: str | os.PathLike, candidate: str, collection: str, questions: str, limit: int = 0,
+             progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
+    """The promotion gate as a dry run (the panel's buttons then promote or not, with this evidence)."""
+    from serving.promotion import gate
+
+    if questions:
+        questions = str(within_roots(questions, data_roots(home), "question file"))
+    decision = gate(engine(home).wait(), candidate, collection, questions or None, dry_run=True, limit=limit,
+                    progress=progress)
+    return {**decision.to_dict(), "summary": decision.summary()}
+
+
+def promote(home: str | os.PathLike, collection: str, decision: dict[str, Any]) -> int:
+    """Promote the gate's candidate; forced (and recorded so) when the gate refused it."""
+    from serving.promotion import record_promotion
+
+    evidence = {k: v for k, v in decision.items() if k != "summary"}
+    forced = not decision["promote"]
+    evidence["forced"] = forced
+    return record_promotion(home, collection, decision["candidate"], evidence, forced=forced)
+
+
+def rollback(home: str | os.PathLike, collection: str) -> str | None:
+    from serving.promotion import rollback as roll
+
+    return roll(home, collection)
+
+
+def promotion_history(home: str | os.PathLike, collection: str) -> list[dict[str, Any]]:
+    from serving.promotion import history
+
+    return history(home, collection)

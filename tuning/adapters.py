@@ -98,7 +98,7 @@ def serving_incompatibility(name: str, task: str | None, method: str | None, tra
     """Why adapter ``name`` cannot be served on base ``base_id`` (weights hash ``base_sha``), or None.
 
     The message never holds an absolute path: HTTP clients see it."""
-    if task not in (None, "sft", "dpo"):
+    if task not in (None, "sft"):
         return f"adapter {name!r} is a {task} model, not a chat model; pick an sft adapter"
     if method == "full":
         return (f"adapter {name!r} is a full fine-tune (a whole model), which cannot be switched on a shared base; "

@@ -31,7 +31,7 @@ class DataSource:
 @dataclass
 class TuneConfig:
     name: str = field("my-adapter", help="adapter name: output goes to <home>/adapters/<name>/ and the run log to <home>/runs/<name>/")
-    task: Literal["sft", "classification"] = field("sft", help="sft: instruction/chat tuning of a causal LM; classification: a sequence-classification head on {text, label}")
+    task: Literal["sft", "classification", "dpo"] = field("sft", help="sft: instruction/chat tuning of a causal LM; classification: a sequence-classification head on {text, label}; dpo: preference tuning (TRL DPOTrainer) on {prompt|question, chosen, rejected} pairs")
     base_model: str = field("smollm2-135m-instruct", help="packaged 'smollm2-135m-instruct' or 'all-minilm-l6-v2' (classification), a local HF folder, or a hub id")
     data: Any = field(None, help="a training file, or a list of files / {path, weight, task} mappings (JSONL, JSON, CSV, Parquet)")
     data_format: Literal["auto", "instruction", "messages", "qa", "classification"] = field("auto", help="record shape; auto detects it per file from the first row")
@@ -67,6 +67,8 @@ class TuneConfig:
     new_task: str | None = field(None, help="progressive mixing: the task tag whose share ramps from p0 to p1; other tasks replay in proportion to their weights")
     p0: float = field(0.5, help="progressive mixing: share of new_task at the start of training")
     p1: float = field(0.9, help="progressive mixing: share of new_task at the end of training")
+    start_adapter: str | None = field(None, help="dpo: the adapter to start from, which is also the frozen reference (None: a new LoRA on the base, the base is the reference)")
+    dpo_beta: float = field(0.1, help="dpo: strength of the pull towards the reference (DPO's beta; higher = closer to the reference)")
     forgetting_probe: bool = field(True, help="measure general perplexity and general QA accuracy before and after (sft only)")
     probe_limit: int = field(0, help="forgetting probe: use at most N prose passages and N questions (0 = all)")
     logging_steps: int = field(5, help="log the training loss every N steps")
@@ -104,6 +106,17 @@ class TuneConfig:
             raise ConfigError(f"new_task: {self.new_task!r} is not the task of any data entry (tasks: {tasks}); tag it as {{path: ..., task: {self.new_task}}}")
         if self.layers < 0:
             raise ConfigError("layers: must be >= 0 (0 adapts every layer)")
+        if self.start_adapter is not None:
+            if self.task != "dpo":
+                raise ConfigError("start_adapter: only task=dpo starts from an adapter (remove it, or set task=dpo)")
+            try:
+                check_name(self.start_adapter, "adapter name")
+            except InvalidName as exc:
+                raise ConfigError(f"start_adapter: {exc}") from None
+        if self.task == "dpo" and (self.method != "lora" or self.quant != "none"):
+            raise ConfigError("task=dpo trains a LoRA adapter on an unquantized base: set method=lora quant=none")
+        if self.dpo_beta <= 0:
+            raise ConfigError("dpo_beta: must be > 0 (example: dpo_beta=0.1)")
 
     def sources(self) -> list[DataSource]:
         """``data`` as a list of :class:`DataSource` (task defaults to the file's stem)."""

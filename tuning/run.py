@@ -13,6 +13,8 @@ def tune(config: TuneConfig | str | Path | None, overrides: list[str] | dict | N
         config = load_tune_config(config, overrides)
     if config.task == "classification":
         from tuning.recipes.classification import train
+    elif config.task == "dpo":
+        from tuning.recipes.dpo import train
     else:
         from tuning.recipes.sft import train
     return train(config, home, echo=echo)

@@ -142,3 +142,9 @@ class ABStore:
 
     def votes(self) -> list[tuple[str, str, str]]:
         return [(r[0], r[1], r[2]) for r in self.conn.execute("SELECT arm_a, arm_b, outcome FROM arena_votes ORDER BY id")]
+
+    def vote_rows(self, collection: str | None = None) -> list[dict[str, Any]]:
+        """Every arena vote with its question and both answers, oldest first (serving.feedback turns the
+        ones with a winner into preference pairs)."""
+        sql = "SELECT * FROM arena_votes" + (" WHERE collection = ?" if collection else "") + " ORDER BY id"
+        return [dict(r) for r in self.conn.execute(sql, (collection,) if collection else ()).fetchall()]
