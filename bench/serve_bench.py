@@ -218,10 +218,14 @@ def main() -> None:
             t.start()
         for t in threads:
             t.join()
-        start = max(m[0][0] for m in marks)  # every row is decoding from here on
+        start = max(m[0][0] for m in marks)  # every row is decoding from here on (or already done)
         end = max(m[-1][0] for m in marks)
-        tokens = sum(n - next(k for t, k in m if t >= start) for m in marks for n in [m[-1][1]])
-        steps = max(m[-1][1] - next(k for t, k in m if t >= start) for m in marks)
+
+        def after_start(m):  # tokens a row produced after ``start``
+            return m[-1][1] - max([k for t, k in m if t <= start], default=0)
+
+        tokens = sum(after_start(m) for m in marks)
+        steps = max(after_start(m) for m in marks)
         return tokens / max(end - start, 1e-9), (end - start) / max(steps, 1)
 
     decode_together([None])  # warm-up

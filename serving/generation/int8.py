@@ -7,14 +7,14 @@ changes with whatever else is in the batch (measured: up to 2.1 absolute on a 57
 batched greedy answer would differ from the same request decoded alone.
 
 :class:`Int8Linear` makes the quantization per row while keeping the one fbgemm call (one read of the
-weights for the whole batch): each row is mapped affinely onto exactly [-1, 1 - 2^-20]
-(``z = (x - lo) * a - 1``, the top clamped), so every row, alone or in any batch, sees the same
-tensor-wide range and so the same quantization; the integer products are exact, and the map is undone
-per row afterwards: ``W x = (W z + W 1) / a + lo * W 1`` with ``W 1`` the row sums of the int8 weights.
-Per-row asymmetric quantization is also what a row quantized alone got before, so accuracy is unchanged.
+weights for the whole batch): each row is divided by its largest magnitude, and two constant inputs +1
+and -1 are appended (their weight columns are zero, so they add nothing), so every row, alone or in any
+batch, spans exactly [-1, 1]: the tensor-wide range, hence the quantization, is the same for every row,
+the integer products are exact, and the row's scale is multiplied back afterwards. Four small extra
+operations per layer input (shared by q/k/v and gate/up, which read the same tensor) and one per output.
 
-A subclass of ``nn.Linear`` so peft wraps it for LoRA (the LoRA matrices stay fp32). Greedy text
-differs slightly from fp32; ``quantize=none`` turns it off.
+A subclass of ``nn.Linear`` so peft wraps it for LoRA (the LoRA matrices stay in floating point). Greedy
+text differs slightly from fp32; ``quantize=none`` turns it off.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import threading
 import warnings
 
 _last = threading.local()  # the last input and its mapped form: q/k/v (and gate/up) read the same tensor
-TOP = 1.0 - 2.0 ** -20  # every row's maximum lands exactly here (the affine map's rounding is far smaller)
 
 
 def _int8_linear_class():
@@ -39,11 +38,12 @@ def _int8_linear_class():
             w = linear.weight.detach().float()
             scales = (w.abs().amax(dim=1).clamp(min=1e-8) / 127.0).double()
             zeros = torch.zeros(w.shape[0], dtype=torch.long)
+            padded = torch.cat([w, torch.zeros(w.shape[0], 2, dtype=w.dtype, device=w.device)], dim=1)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # quantized tensor creation is deprecated in favour of torchao
-                qweight = torch.quantize_per_channel(w, scales, zeros, 0, torch.qint8)
+                qweight = torch.quantize_per_channel(padded, scales, zeros, 0, torch.qint8)
                 self._packed = torch.ops.quantized.linear_prepack(qweight, None)
-            self.register_buffer("row_sums", qweight.dequantize().sum(dim=1), persistent=False)
+            self.register_buffer("ends", torch.tensor([1.0, -1.0], device=w.device), persistent=False)
             self.register_buffer("bias_", linear.bias.detach().float() if linear.bias is not None else None,
                                  persistent=False)
             # an empty fp32 weight only tells peft the device and dtype for the adapter weights
@@ -53,15 +53,13 @@ def _int8_linear_class():
         def forward(self, x):  # type: ignore[override]
             mapped = getattr(_last, "mapped", None)
             if mapped is not None and mapped[0] is x:  # the same tensor object (held, so its id is not reused)
-                _, z, a, lo = mapped
+                _, z, m = mapped
             else:
-                lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
-                a = 2.0 / (hi - lo).clamp(min=1e-12)
-                z = torch.sub(x, lo).mul_(a).sub_(1.0).clamp_(max=TOP)
-                _last.mapped = (x, z, a, lo)
+                m = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp_(min=1e-30)
+                z = torch.cat([x / m, self.ends.expand(*x.shape[:-1], 2)], dim=-1)
+                _last.mapped = (x, z, m)
             # reduce_range as quantize_dynamic does on x86, so the int8 products never saturate
-            y = torch.ops.quantized.linear_dynamic(z, self._packed, True)
-            out = torch.addcmul(y.div_(a), a.reciprocal().add_(lo), self.row_sums)
+            out = torch.ops.quantized.linear_dynamic(z, self._packed, True).mul_(m)
             return out if self.bias_ is None else out.add_(self.bias_)
 
         def extra_repr(self) -> str:

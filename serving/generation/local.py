@@ -278,7 +278,7 @@ class LocalGenerator:
         """Last-position logits of ``ids`` (rows x new tokens) continuing ``cache``; one adapter name per row."""
         kwargs: dict[str, Any] = {self._cache_kw: cache, "use_cache": True, "logits_to_keep": 1}
         lengths = None
-        if mask is not None:
+        if mask is not None and ids.shape[0] > 1:  # one row has no padding: the plain path is the same call
             kwargs["attention_mask"], kwargs["position_ids"] = mask, positions
             lengths = [int(n) + 1 for n in positions[:, 0].tolist()]  # keys per row, the new token included
         with self._row_lengths(lengths):
