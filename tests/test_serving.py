@@ -1,4 +1,4 @@
-"""Serving: generation with hot-switched adapters, the assistant's four modes, storage, the OpenAI server
+"""Serving: generation with adapters mixed per row, the assistant's four modes, storage, the OpenAI server
 and client, concurrency and the CLI, on the real packaged model (tiny max_new_tokens)."""
 
 from __future__ import annotations
