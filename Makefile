@@ -40,7 +40,7 @@ demo: install
 	RAGTUNE_HOME=$(DEMO_HOME) $(BIN)/python -m serving.app_launch --server.address $(HOST) --server.port $(PORT)
 
 test: install browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 bench: install
 	$(BIN)/python bench/index_bench.py
