@@ -44,6 +44,7 @@ def _int8_linear_class():
                 qweight = torch.quantize_per_channel(padded, scales, zeros, 0, torch.qint8)
                 self._packed = torch.ops.quantized.linear_prepack(qweight, None)
             self.register_buffer("ends", torch.tensor([1.0, -1.0], device=w.device), persistent=False)
+            self.register_buffer("row_sums", qweight.dequantize().sum(dim=1), persistent=False)
             self.register_buffer("bias_", linear.bias.detach().float() if linear.bias is not None else None,
                                  persistent=False)
             # an empty fp32 weight only tells peft the device and dtype for the adapter weights
@@ -53,13 +54,15 @@ def _int8_linear_class():
         def forward(self, x):  # type: ignore[override]
             mapped = getattr(_last, "mapped", None)
             if mapped is not None and mapped[0] is x:  # the same tensor object (held, so its id is not reused)
-                _, z, m = mapped
+                _, z, half, mid = mapped
             else:
-                m = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp_(min=1e-30)
-                z = torch.cat([x / m, self.ends.expand(*x.shape[:-1], 2)], dim=-1)
-                _last.mapped = (x, z, m)
+                lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
+                half = (hi - lo).mul_(0.5).clamp_(min=1e-30)
+                mid = (hi + lo).mul_(0.5)
+                z = torch.cat([((x - mid) / half).clamp_(-1.0, 1.0), self.ends.expand(*x.shape[:-1], 2)], dim=-1)
+                _last.mapped = (x, z, half, mid)
             # reduce_range as quantize_dynamic does on x86, so the int8 products never saturate
-            out = torch.ops.quantized.linear_dynamic(z, self._packed, True).mul_(m)
+            out = torch.addcmul(torch.ops.quantized.linear_dynamic(z, self._packed, True).mul_(half), mid, self.row_sums)
             return out if self.bias_ is None else out.add_(self.bias_)
 
         def extra_repr(self) -> str:
