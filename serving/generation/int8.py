@@ -7,11 +7,14 @@ changes with whatever else is in the batch (measured: up to 2.1 absolute on a 57
 batched greedy answer would differ from the same request decoded alone.
 
 :class:`Int8Linear` makes the quantization per row while keeping the one fbgemm call (one read of the
-weights for the whole batch): each row is divided by its largest magnitude, and two constant inputs +1
-and -1 are appended (their weight columns are zero, so they add nothing), so every row, alone or in any
-batch, spans exactly [-1, 1]: the tensor-wide range, hence the quantization, is the same for every row,
-the integer products are exact, and the row's scale is multiplied back afterwards. Four small extra
-operations per layer input (shared by q/k/v and gate/up, which read the same tensor) and one per output.
+weights for the whole batch): each row's [min, max] is mapped onto [-1, 1] (``z = (x - mid) / half``),
+and two constant inputs +1 and -1 are appended (their weight columns are zero, so they add nothing), so
+every row, alone or in any batch, spans exactly [-1, 1]: the tensor-wide range, hence the quantization,
+is the same for every row, the integer products are exact, and the map is undone per row afterwards
+(``W x = half * W z + mid * W 1``). The mapping is asymmetric on purpose: a symmetric one (divide by the
+largest magnitude, fewer operations) wastes half the int8 levels on one-sided activations (after SiLU)
+and cut the dev answers correct from 20.8% to 8.3% (24 rows); this one gave 25.0%. The mapping of an
+input is shared by q/k/v and gate/up, which read the same tensor.
 
 A subclass of ``nn.Linear`` so peft wraps it for LoRA (the LoRA matrices stay in floating point). Greedy
 text differs slightly from fp32; ``quantize=none`` turns it off.
