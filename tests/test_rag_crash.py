@@ -23,9 +23,9 @@ print("done", flush=True)
 """
 
 
-def write_corpus(root: Path, version: int) -> None:
+def write_corpus(root: Path, version: int, docs: int = 24) -> None:
     root.mkdir(parents=True, exist_ok=True)
-    for i in range(24):
+    for i in range(docs):
         path = root / f"doc{i:02d}.md"
         if version == 2 and i % 5 == 0:
             path.unlink(missing_ok=True)  # removed in v2: sync deletes it

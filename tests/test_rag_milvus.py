@@ -18,6 +18,7 @@ import pytest
 from rag import milvus_store
 from rag.collection import CollectionError, IndexConfig, Workspace
 from rag.errors import StoreError
+from tests.test_rag_crash import CHILD, write_corpus
 
 RAGTUNE = str(Path(sys.executable).parent / "ragtune")
 
@@ -160,29 +161,6 @@ def test_cli_store_option_collections_and_move(home, small_docs, tmp_path):
     assert "Traceback" not in out.stderr
 
 
-CHILD = r"""
-import sys
-from rag.collection import Workspace
-from rag.embeddings import get_embedder
-get_embedder("default")
-print("ready", flush=True)
-Workspace(sys.argv[1]).index("c", [sys.argv[2]], sync=True)
-print("done", flush=True)
-"""
-
-
-def write_corpus(root: Path, version: int) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(12):
-        path = root / f"doc{i:02d}.md"
-        if version == 2 and i % 5 == 0:
-            path.unlink(missing_ok=True)  # removed in v2: sync deletes it
-            continue
-        body = "\n\n".join(f"Paragraph {j} of document {i}, revision {version}: the HX-{i} unit needs {i * j} litres."
-                           for j in range(6))
-        path.write_text(f"# Document {i}\n\n{body}\n", encoding="utf-8")
-
-
 def state_of(home: Path) -> dict:
     col = Workspace(home).get("c")
     check = col.check()
@@ -194,11 +172,11 @@ def state_of(home: Path) -> dict:
 
 def test_kill9_during_a_milvus_run_then_rerun_completes_exactly(tmp_path):
     corpus = tmp_path / "corpus"
-    write_corpus(corpus, 1)
+    write_corpus(corpus, 1, docs=12)
     base = tmp_path / "base"
     Workspace(base).index("c", [corpus], config=IndexConfig(group_chunks=2), store_uri=f"milvus://{base / 'm.db'}")
     release_all()
-    write_corpus(corpus, 2)  # every file changes and some are gone: updates and deletes are in flight
+    write_corpus(corpus, 2, docs=12)  # every file changes and some are gone: updates and deletes are in flight
 
     def copy(name: str) -> Path:
         home = tmp_path / name
