@@ -35,7 +35,7 @@ def ab_home(tmp_path_factory, tuning_home):
     rows = [json.loads(line) for line in (CORPORA / "corvida" / "qa" / "train.jsonl").read_text().splitlines()]
     train = write_jsonl(home / "train.jsonl", [r for r in rows if r["doc"] in DOCS][:8])
     tune(None, [f"data={train}", "name=tiny", "max_steps=2", "val_share=0", "forgetting_probe=false",
-                "max_seq_len=256", "batch_size=2", "progress=false"], home=home, echo=lambda *_: None)
+                "max_seq_len=128", "batch_size=2", "progress=false"], home=home, echo=lambda *_: None)
     tests = [json.loads(line) for line in (CORPORA / "corvida" / "qa" / "test.jsonl").read_text().splitlines()]
     write_jsonl(home / "questions.jsonl", [r for r in tests if r["doc"] in DOCS][:3])
     return home
@@ -46,7 +46,7 @@ def assistant(ab_home):
     from serving.assistant import Assistant
     from serving.config import ServeConfig
 
-    return Assistant.open(ab_home, ServeConfig(max_new_tokens=8), log=False)
+    return Assistant.open(ab_home, ServeConfig(max_new_tokens=8, source_tokens=96), log=False)
 
 
 def test_four_arms_run_cache_and_report(ab_home, assistant, tmp_path):

@@ -71,12 +71,13 @@ def test_kill_at_many_points_leaves_a_consistent_store(tmp_path):
 
     # kill right after the n-th commit of the run (plus a little, to land inside the next group)
     outcomes = []
-    for n in range(10):
+    trials = 6  # kill points spread over the run: first commit, the middle groups, the last commit
+    for n in range(trials):
         home = tmp_path / f"trial{n}"
         shutil.copytree(base, home)
         child = subprocess.Popen([sys.executable, "-c", CHILD, str(home), str(corpus)], stdout=subprocess.PIPE, text=True)
         assert child.stdout.readline().strip() == "ready"
-        target = start_version + n * commits // 9
+        target = start_version + n * commits // (trials - 1)
         while child.poll() is None and version_of(home) < target:
             time.sleep(0.005)
         time.sleep((n % 3) * 0.03)
@@ -88,4 +89,4 @@ def test_kill_at_many_points_leaves_a_consistent_store(tmp_path):
         consistent(home)
         assert {d["path"]: d["content_hash"] for d in Workspace(home).get("c").documents()} == expected
         shutil.rmtree(home)
-    assert len(set(outcomes)) >= 7, f"kills landed at too few distinct points: {outcomes}"
+    assert len(set(outcomes)) >= trials - 2, f"kills landed at too few distinct points: {outcomes}"
