@@ -43,16 +43,18 @@ class ServeConfig:
     max_question_chars: int = field(2000, help="longer questions are refused with a message")
     seed: int = field(0, help="sampling seed (temperature > 0)")
     # --- answering from the sources (issue 11); each measured on a dev split of the training questions
-    grounded: bool = field(False, help="grounded decoding (local backend): the answer's content is copied from the sources "
-                                      "span by span (plus connecting words, punctuation, [n]); each span's source is known exactly")
-    grounded_spans: int = field(0, help="grounded decoding: at most this many copied spans (0 = any number; 1 = the answer "
+    # defaults chosen on the dev split (README, "Answering from the sources"): one grounded extract of the best sentence
+    grounded: bool = field(True, help="grounded decoding (local backend): the answer's content is copied from the sources "
+                                     "span by span (plus connecting words, punctuation, [n]); each span's source is known exactly")
+    grounded_spans: int = field(1, help="grounded decoding: at most this many copied spans (0 = any number; 1 = the answer "
                                         "is one extract of one source)")
     cad_alpha: float = field(0.0, help="context-aware decoding weight a: logits (1+a)*with-sources - a*question-only "
                                        "(0 = off; costs a second forward pass per token)")
-    evidence_sentences: int = field(0, help="evidence first: put the best N sentences of the retrieved chunks (MiniLM + BM25 "
+    evidence_sentences: int = field(1, help="evidence first: put the best N sentences of the retrieved chunks (MiniLM + BM25 "
                                             "ranked, each widened to evidence_window_tokens) in the prompt instead of whole chunks "
                                             "(0 = off: whole chunks)")
-    evidence_window_tokens: int = field(48, help="each evidence sentence is widened with its neighbours up to this many model tokens")
+    evidence_window_tokens: int = field(8, help="each evidence sentence is widened with its neighbours up to this many model "
+                                               "tokens (8: in practice the sentence alone)")
     abstain_threshold: float = field(0.0, help="abstain when the support score (mean of the best chunk's similarity and the best "
                                                "sentence's question-term coverage, serving.evidence.support_score) is below this "
                                                "(0 = off). 0.479 was the dev split's choice (<= 5% false abstain on qa/dev.jsonl) but abstained on "

@@ -7,8 +7,9 @@ A :class:`GroundedConstraint` is a logits processor for our own decode loop
   allowed continuations are the tokens that follow that run somewhere in a source (an index from each
   token id to its positions in the sources; the live state is the set of positions the span can end
   at, which is what a suffix automaton would hold, built in O(source tokens) per request);
-- when no span is open (at the start, or after a free token): any source token, which **starts** a
-  span (and the same token without its leading space, so the answer can open with a source's word);
+- when no span is open (at the start, or after a free token): a source token that begins a word, which
+  **starts** a span (and the same token without its leading space, so the answer can open with a
+  source's word); never a token inside a word or number;
 - a small **free set** between spans: punctuation, a few connecting words, ``Yes``/``No``,
   and, when ``citations`` is on, markers ``[n]`` (a digit only after ``[``, only 1..number of sources);
   by default the assistant appends the exact markers itself after the answer;
@@ -56,6 +57,12 @@ class CopiedSpan:
         return {"text": self.text, "source": self.source, "start": self.start, "end": self.end}
 
 
+def _word_start(text: str, at: int) -> bool:
+    """True when a token starting at character ``at`` of ``text`` begins a word: spans start there, not
+    inside a word or number ("1 C" copied out of "21 C" was a dev-split failure; digits are single tokens)."""
+    return at == 0 or text[at].isspace() or text[at - 1].isspace() or text[at - 1] in "*([\"'`/|:-"
+
+
 class GroundedConstraint:
     """Per-request state of grounded decoding over ``sources`` (the source texts exactly as in the prompt)."""
 
@@ -69,27 +76,30 @@ class GroundedConstraint:
         self.ids: list[list[int]] = []
         self.offsets: list[list[tuple[int, int]]] = []
         self.positions: dict[int, list[tuple[int, int]]] = {}
+        self.start_positions: dict[int, list[tuple[int, int]]] = {}  # positions where a word begins
         for s, text in enumerate(self.texts):
             enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True) if text else {"input_ids": [], "offset_mapping": []}
             self.ids.append(list(enc["input_ids"]))
             self.offsets.append([tuple(o) for o in enc["offset_mapping"]])
-            for i, t in enumerate(enc["input_ids"]):
+            for i, (t, (a, _)) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
                 self.positions.setdefault(t, []).append((s, i))
+                if _word_start(text, a):
+                    self.start_positions.setdefault(t, []).append((s, i))
         # a span may start with a source token minus its leading space ("Ġrated" -> "rated")
         self.aliases: dict[int, int] = {}
         vocab = tokenizer.get_vocab()
-        for t in self.positions:
+        for t in self.start_positions:
             piece = tokenizer.convert_ids_to_tokens(t)
             if isinstance(piece, str) and piece.startswith("Ġ") and len(piece) > 1:
                 alt = vocab.get(piece[1:])
-                if alt is not None and alt not in self.positions:
+                if alt is not None and alt not in self.start_positions:
                     self.aliases[alt] = t
         self.free = self._free_ids(vocab)
         self.punct = {vocab[p] for p in FREE_PUNCT if p in vocab}
         self.open_bracket = {vocab[p] for p in ("[", "Ġ[") if p in vocab} if citations else set()
         self.close_bracket = {vocab[p] for p in ("]",) if p in vocab}
         self.digits = {vocab[str(n)]: n for n in range(1, min(len(sources), 9) + 1) if str(n) in vocab}
-        self.starts = set(self.positions) | set(self.aliases)
+        self.starts = set(self.start_positions) | set(self.aliases)
         self.state: list[tuple[int, int]] = []  # positions the open span ends at; [] = no span open
         self.span_tokens: list[int] = []
         self.after_bracket = False
@@ -165,8 +175,8 @@ class GroundedConstraint:
         if (token in self.free and not opening) or token in self.eos_ids:
             return
         source_token = self.aliases.get(token, token)
-        if source_token in self.positions:
-            self.state = list(self.positions[source_token])
+        if source_token in self.start_positions:
+            self.state = list(self.start_positions[source_token])
             self.span_tokens = [token]
 
     def finish(self) -> None:

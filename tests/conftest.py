@@ -182,4 +182,7 @@ def serving_assistant(serving_home, serving_generator):
     from serving.history import ChatStore
 
     ws = Workspace(serving_home)
-    return Assistant(ws, serving_generator, ServeConfig(max_new_tokens=8, source_tokens=96), ChatStore(ws.db_path))
+    # whole chunks and plain decoding: these tests are about the plumbing around any answer (sources, spans,
+    # logging, concurrency); the default one-extract answer is tested in test_grounding
+    config = ServeConfig(max_new_tokens=8, source_tokens=96, grounded=False, grounded_spans=0, evidence_sentences=0)
+    return Assistant(ws, serving_generator, config, ChatStore(ws.db_path))

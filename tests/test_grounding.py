@@ -22,9 +22,9 @@ def make_assistant(serving_home, serving_generator, **options):
     from rag.collection import Workspace
     from serving.assistant import Assistant
 
-    # abstention off unless a test sets it: these tests are about what is generated
-    return Assistant(Workspace(serving_home), serving_generator,
-                     ServeConfig(**{"source_tokens": 96, "abstain_threshold": 0.0, **options}))
+    # every issue-11 option off unless a test sets it (the defaults turn some on): each test says what it tests
+    off = {"abstain_threshold": 0.0, "grounded": False, "grounded_spans": 0, "evidence_sentences": 0}
+    return Assistant(Workspace(serving_home), serving_generator, ServeConfig(**{"source_tokens": 96, **off, **options}))
 
 
 def flat(text: str) -> str:
@@ -73,6 +73,32 @@ def test_one_span_grounding_gives_an_extract_without_preamble(serving_home, serv
         # one extract, then the exact citation
         assert answer.text == f"{answer.spans[0]['text']} [{answer.spans[0]['n']}]"
         assert answer.cited == [answer.spans[0]["n"]]
+
+
+def test_defaults_answer_with_one_grounded_extract_of_the_best_sentence(serving_home, serving_generator):
+    """The dev-chosen defaults (README, "Answering from the sources"): the best-ranked sentence is the one
+    source, and the answer is one extract of it with its exact citation."""
+    from rag.collection import Workspace
+    from serving.assistant import Assistant
+
+    assistant = Assistant(Workspace(serving_home), serving_generator, ServeConfig(max_new_tokens=24))
+    answer = assistant.answer(QUESTIONS[0], "rag", "corvida", log=False)
+    assert answer.decoding["grounded"] and answer.decoding["grounded_spans"] == 1 and answer.decoding["evidence_sentences"] == 1
+    assert len(answer.sources) == 1 and len(answer.spans) == 1 and answer.cited == [1]
+    assert answer.spans[0]["text"] in flat(answer.sources[0].text) and answer.text == f"{answer.spans[0]['text']} [1]"
+    assert len(answer.sources[0].text) < 400  # a sentence, not a whole chunk
+
+
+def test_spans_start_at_word_starts_never_inside_a_number(serving_generator):
+    """SmolLM2 writes numbers digit by digit: a span may start at "21", never at the "1" inside it."""
+    from serving.grounding import GroundedConstraint
+
+    tok = serving_generator.tokenizer
+    c = GroundedConstraint(tok, ["- Default comfort temperature: 21 C."], serving_generator.eos_ids, max_spans=1)
+    two, one = tok.convert_tokens_to_ids("2"), tok.convert_tokens_to_ids("1")
+    assert two in c.allowed() and one not in c.allowed() and tok.convert_tokens_to_ids("ĠDefault") in c.allowed()
+    c.advance(two)
+    assert c.allowed() == {one}  # the span that starts at "2" goes on with "1" (spans run >= 2 tokens)
 
 
 def test_generator_without_options_equals_transformers_greedy_generate(serving_generator):
