@@ -112,7 +112,8 @@ def answer_rows(assistant, rows: list[dict], mode: str, collection: str, adapter
                   "token_f1": scores["token_f1"], "unanswerable": unanswerable, "abstained": abstained,
                   "refusal_reason": answer.refusal_reason, "abstain_score": answer.abstain_score, "hit": hit,
                   "citation": citation, "words": len(scored_text.split()), "ttft_s": answer.timings.get("ttft_s"),
-                  "tokens_per_s": answer.timings.get("tokens_per_s"), "decoding": answer.decoding}
+                  "tokens_per_s": answer.timings.get("tokens_per_s"), "grounded_mass": answer.timings.get("grounded_mass"),
+                  "decoding": answer.decoding}
         out.append(result)
         samples.append(result)
         if SAMPLES_FILE is not None:  # written as they come, so a long run that is stopped keeps its answers
