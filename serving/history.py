@@ -110,6 +110,13 @@ def _m004_promotions(conn: sqlite3.Connection) -> None:
     """)
 
 
+def _question_of(conn: sqlite3.Connection, chat_id: int, message_id: int) -> str:
+    """The question an answer replies to: the user message before it in its chat."""
+    q = conn.execute("SELECT content FROM messages WHERE chat_id = ? AND role = 'user' AND id < ? ORDER BY id DESC LIMIT 1",
+                     (chat_id, message_id)).fetchone()
+    return q[0] if q else ""
+
+
 MIGRATIONS = [
     ("chats, messages, feedback", _m001_chats),
     ("tuning runs started from the app", _m002_tuning_runs),
@@ -212,9 +219,7 @@ class ChatStore:
         if row is None:
             return None
         d = dict(row)
-        q = self.conn.execute("SELECT content FROM messages WHERE chat_id = ? AND role = 'user' AND id < ? "
-                              "ORDER BY id DESC LIMIT 1", (d["chat_id"], message_id)).fetchone()
-        d["question"] = q[0] if q else ""
+        d["question"] = _question_of(self.conn, d["chat_id"], message_id)
         for key in ("sources_json", "cited_json", "timings_json"):
             d[key[:-5]] = json.loads(d.pop(key))
         return d
@@ -227,15 +232,14 @@ class ChatStore:
             row = conn.execute("SELECT * FROM messages WHERE id = ? AND role = 'assistant'", (message_id,)).fetchone()
             if row is None:
                 raise ValueError(f"no answer with id {message_id} to correct")
-            q = conn.execute("SELECT content FROM messages WHERE chat_id = ? AND role = 'user' AND id < ? "
-                             "ORDER BY id DESC LIMIT 1", (row["chat_id"], message_id)).fetchone()
+            question = _question_of(conn, row["chat_id"], message_id)
             conn.execute(
                 "INSERT INTO corrections (message_id, question, mode, adapter, collection, collection_version, answer, "
                 "correction, source_n, not_in_sources, sources_json, doc_hashes_json, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(message_id) DO UPDATE SET "
                 "correction = excluded.correction, source_n = excluded.source_n, not_in_sources = excluded.not_in_sources, "
                 "doc_hashes_json = excluded.doc_hashes_json, created_at = excluded.created_at",
-                (message_id, q[0] if q else "", row["mode"], row["adapter"], row["collection"], row["collection_version"],
+                (message_id, question, row["mode"], row["adapter"], row["collection"], row["collection_version"],
                  row["content"], correction, source_n, int(not_in_sources), row["sources_json"], json.dumps(doc_hashes, sort_keys=True),
                  time.time()))
             return int(conn.execute("SELECT id FROM corrections WHERE message_id = ?", (message_id,)).fetchone()[0])

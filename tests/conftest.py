@@ -74,15 +74,19 @@ def smol_tokenizer(tuning_home):
     return load_tokenizer(resolve_base_model("smollm2-135m-instruct", tuning_home))
 
 
-@pytest.fixture()
-def tune_home(tuning_home, tmp_path) -> Path:
-    """A fresh workspace per test that reuses the session's converted model (symlinked, read-only use)."""
-    path = tmp_path / "tune-home"
+def home_with_models(tuning_home: Path, path: Path) -> Path:
+    """``path`` as a fresh workspace that reuses the session's converted model (symlinked, read-only use)."""
     (path / "models").mkdir(parents=True)
     for model in (tuning_home / "models").iterdir():
         if not model.name.startswith("."):
             (path / "models" / model.name).symlink_to(model, target_is_directory=True)
     return path
+
+
+@pytest.fixture()
+def tune_home(tuning_home, tmp_path) -> Path:
+    """A fresh workspace per test with the session's converted model."""
+    return home_with_models(tuning_home, tmp_path / "tune-home")
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -149,11 +153,7 @@ def serving_home(tuning_home, tmp_path_factory) -> Path:
 
     from rag.collection import Workspace
 
-    home = tmp_path_factory.mktemp("serving-home")
-    (home / "models").mkdir()
-    for model in (tuning_home / "models").iterdir():
-        if not model.name.startswith("."):
-            (home / "models" / model.name).symlink_to(model, target_is_directory=True)
+    home = home_with_models(tuning_home, tmp_path_factory.mktemp("serving-home"))
     docs = tmp_path_factory.mktemp("serving-docs")
     for rel in SERVING_DOCS:
         (docs / rel).parent.mkdir(parents=True, exist_ok=True)

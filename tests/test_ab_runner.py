@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CORPORA, write_jsonl
+from conftest import CORPORA, home_with_models, write_jsonl
 
 DOCS = ["service/hx-error-codes.md", "policies/travel-policy-2024.md", "products/tessa-cylinder-manual.md"]
 
@@ -21,11 +21,7 @@ def ab_home(tmp_path_factory, tuning_home):
     from rag.collection import Workspace
     from tuning.run import tune
 
-    home = tmp_path_factory.mktemp("ab-home")
-    (home / "models").mkdir()
-    for model in (tuning_home / "models").iterdir():
-        if not model.name.startswith("."):
-            (home / "models" / model.name).symlink_to(model, target_is_directory=True)
+    home = home_with_models(tuning_home, tmp_path_factory.mktemp("ab-home"))
     docs = home / "docs"
     for rel in DOCS:
         target = docs / rel

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_jsonl
+from conftest import home_with_models, write_jsonl
 
 DOCS = {
     "vault.md": "# Vault\n\nThe vault code of the Brenholt office is 4417.\n",
@@ -65,11 +65,7 @@ def loop_home(tuning_home, tmp_path_factory):
     from tuning import forgetting
     from tuning.models import load_causal_lm, load_tokenizer, resolve_base_model
 
-    home = tmp_path_factory.mktemp("loop-home")
-    (home / "models").mkdir()
-    for model in (tuning_home / "models").iterdir():
-        if not model.name.startswith("."):
-            (home / "models" / model.name).symlink_to(model, target_is_directory=True)
+    home = home_with_models(tuning_home, tmp_path_factory.mktemp("loop-home"))
     docs = tmp_path_factory.mktemp("loop-docs")
     for name, text in DOCS.items():
         (docs / name).write_text(text, encoding="utf-8")
@@ -157,7 +153,7 @@ def test_corrections_export_in_the_served_layout_with_flags(loop_home, loop_assi
     flagged = export_feedback(loop_home, "loop", tmp_path / "fb3.jsonl", thumbs_up=True)
     assert [f["feedback"] for f in flagged.flagged_changed] == [f"correction:{cid}"]
     assert "correction" not in [r["row_type"] for r in map(json.loads, (tmp_path / "fb3.jsonl").read_text().splitlines())]
-    kept = export_feedback(loop_home, "loop", tmp_path / "fb4.jsonl", include_changed=True)
+    export_feedback(loop_home, "loop", tmp_path / "fb4.jsonl", include_changed=True)
     row = json.loads((tmp_path / "fb4.jsonl").read_text().splitlines()[0])
     assert row["flags"] == ["changed_document"] and row["changed_documents"] == ["ferry.md"]
     for name, text in DOCS.items():  # restore the collection for the gate tests
@@ -166,7 +162,6 @@ def test_corrections_export_in_the_served_layout_with_flags(loop_home, loop_assi
 
 
 def test_dpo_two_steps_registers_an_adapter(loop_home, tmp_path):
-    from serving.generation import LocalGenerator  # noqa: F401  (the registry check below is serving's)
     from tuning.adapters import list_adapters
     from tuning.run import tune
 

@@ -28,6 +28,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -532,6 +533,39 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> str | None:
         (run_dir / "log.jsonl").unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     return None
+
+
+@dataclass
+class RunSetup:
+    """What every recipe starts from (:func:`start_run`)."""
+
+    home: Path
+    out_dir: Path  # adapters/<name>/
+    device: str
+    run_dir: Path  # runs/<name>/<run-id>/
+    resume_from: str | None  # checkpoint to resume from
+    threads: int
+    runlog: "JsonlLog"
+
+
+def start_run(config: TuneConfig, home: str | os.PathLike | None, resume: bool) -> RunSetup:
+    """The set-up of every recipe, in dependency order: the workspace, the adapter slot (refused before
+    anything is written), the run folder (clean, or the checkpoint to resume), threads, seed, run log."""
+    from transformers import set_seed
+
+    from core.workspace import ragtune_home
+    from tuning.adapters import adapter_dir
+    from tuning.models import pick_device
+
+    home = ragtune_home(home)
+    out_dir = adapter_dir(home, config.name)
+    device, _dtype = pick_device(config.device)
+    check_adapter_slot(out_dir, config)
+    run_dir = run_folder(home, config.name, resume)
+    resume_from = prepare_run_dir(run_dir, resume)
+    threads = set_threads(config.threads)
+    set_seed(config.seed)
+    return RunSetup(home, out_dir, device, run_dir, resume_from, threads, JsonlLog(run_dir / "log.jsonl"))
 
 
 def check_adapter_slot(adapter_dir: Path, config: TuneConfig) -> None:

@@ -24,17 +24,14 @@ import time
 import warnings
 from pathlib import Path
 
-from transformers import set_seed
-
 from core.workspace import ragtune_home
 from tuning import forgetting
-from tuning.adapters import adapter_dir, file_sha256, get_adapter, write_manifest
+from tuning.adapters import file_sha256, get_adapter, write_manifest
 from tuning.config import TuneConfig, resolved_dict
 from tuning.data import ensure_chat_template, read_rows
 from tuning.errors import DataError, TuningError
-from tuning.models import load_causal_lm, load_tokenizer, pick_device, resolve_base_model, weights_hash
-from tuning.training import (JsonlLog, LogCallback, apply_method, check_adapter_slot, parameter_counts, prepare_run_dir,
-                             publish_folder, run_folder, set_threads, staging_dir, write_run_info)
+from tuning.models import load_causal_lm, load_tokenizer, resolve_base_model, weights_hash
+from tuning.training import LogCallback, apply_method, parameter_counts, publish_folder, staging_dir, start_run, write_run_info
 
 
 def pair_messages(row: dict) -> dict:
@@ -81,17 +78,11 @@ def train(config: TuneConfig, home: str | Path | None = None, echo=print) -> dic
     warnings.filterwarnings("ignore", message=".*DPOTrainer.*")
     started = time.time()
     home = ragtune_home(home)
-    out_dir = adapter_dir(home, config.name)
-    device, _dtype = pick_device(config.device)
-    check_adapter_slot(out_dir, config)
     start = get_adapter(home, config.start_adapter) if config.start_adapter else None  # refuse a missing one early
     if config.start_adapter and config.start_adapter == config.name:
         raise TuningError(f"start_adapter {config.start_adapter!r} is the adapter being written; give the new one another name")
-    run_dir = run_folder(home, config.name, False)
-    prepare_run_dir(run_dir, False)
-    threads = set_threads(config.threads)
-    set_seed(config.seed)
-    runlog = JsonlLog(run_dir / "log.jsonl")
+    run = start_run(config, home, False)
+    out_dir, device, run_dir, threads, runlog = run.out_dir, run.device, run.run_dir, run.threads, run.runlog
 
     # 1. data: every file validated before the model loads
     sources = config.sources()

@@ -24,19 +24,17 @@ import time
 import warnings
 from pathlib import Path
 
-from transformers import EarlyStoppingCallback, set_seed
+from transformers import EarlyStoppingCallback
 
-from core.workspace import ragtune_home
 from tuning import attention, forgetting
-from tuning.adapters import adapter_dir, file_sha256, write_manifest
+from tuning.adapters import file_sha256, write_manifest
 from tuning.config import TuneConfig, resolved_dict
 from tuning.data import PackingCollator, ensure_chat_template, load_records, split_records, tokenize_records
 from tuning.errors import DataError
 from tuning.mixing import MixtureSampler, Schedule
-from tuning.models import load_causal_lm, load_tokenizer, pick_device, resolve_base_model, training_precision, weights_hash
-from tuning.training import (JsonlLog, ListDataset, LogCallback, SFTTrainer, apply_method, check_adapter_slot,
-                             parameter_counts, prepare_run_dir, publish_folder, run_folder, write_run_info, set_threads, staging_dir,
-                             total_draws, training_arguments)
+from tuning.models import load_causal_lm, load_tokenizer, resolve_base_model, training_precision, weights_hash
+from tuning.training import (ListDataset, LogCallback, SFTTrainer, apply_method, parameter_counts, publish_folder,
+                             staging_dir, start_run, total_draws, training_arguments, write_run_info)
 
 log = logging.getLogger("ragtune.tuning")
 
@@ -45,16 +43,10 @@ def train(config: TuneConfig, home: str | Path | None = None, echo=print) -> dic
     """Run ``config``; return the manifest written to ``<home>/adapters/<name>/ragtune.json``."""
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
     started = time.time()
-    home = ragtune_home(home)
-    out_dir = adapter_dir(home, config.name)
-    device, _dtype = pick_device(config.device)
+    run = start_run(config, home, config.resume)
+    home, out_dir, device, run_dir, resume_from, threads, runlog = (
+        run.home, run.out_dir, run.device, run.run_dir, run.resume_from, run.threads, run.runlog)
     precision = training_precision(config.precision, device)
-    check_adapter_slot(out_dir, config)
-    run_dir = run_folder(home, config.name, config.resume)  # runs/<name>/<run-id>/
-    resume_from = prepare_run_dir(run_dir, config.resume)
-    threads = set_threads(config.threads)
-    set_seed(config.seed)
-    runlog = JsonlLog(run_dir / "log.jsonl")
 
     # 1. data: every file validated before anything loads (errors name file, row, field)
     sources = config.sources()
