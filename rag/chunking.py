@@ -8,6 +8,7 @@ is an exact substring of the document text: ``document.text[start:end] == chunk.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,3 +78,25 @@ class TokenChunker:
             chunks.append(Chunk(piece, start, end, len(chunks), meta))
             cursor = start + 1
         return chunks
+
+
+# Sentence ends, and line breaks (lines of tables and lists count as sentences).
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])|\n+")
+
+
+def split_sentences(text: str) -> list[tuple[int, int]]:
+    """(start, end) of each sentence or line of ``text``, whitespace trimmed, empty ones dropped."""
+    spans, pos = [], 0
+    for m in _SENTENCE_END.finditer(text):
+        spans.append((pos, m.start()))
+        pos = m.end()
+    spans.append((pos, len(text)))
+    out = []
+    for a, b in spans:
+        while a < b and text[a].isspace():
+            a += 1
+        while b > a and text[b - 1].isspace():
+            b -= 1
+        if b - a >= 3:
+            out.append((a, b))
+    return out

@@ -21,14 +21,12 @@ threshold, tuned on a dev split, applies to every question.
 
 from __future__ import annotations
 
-import re
 import sqlite3
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from rag.chunking import split_sentences
 from rag.search import Hit
-
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])|\n+")
 
 
 @dataclass
@@ -41,24 +39,6 @@ class Sentence:
     bm25: float = 0.0
     score: float = 0.0
     coverage: float = 0.0  # share of the question's terms found in the sentence
-
-
-def split_sentences(text: str) -> list[tuple[int, int]]:
-    """(start, end) of each sentence or line of ``text``, whitespace trimmed, empty ones dropped."""
-    spans, pos = [], 0
-    for m in _SENTENCE_END.finditer(text):
-        spans.append((pos, m.start()))
-        pos = m.end()
-    spans.append((pos, len(text)))
-    out = []
-    for a, b in spans:
-        while a < b and text[a].isspace():
-            a += 1
-        while b > a and text[b - 1].isspace():
-            b -= 1
-        if b - a >= 3:
-            out.append((a, b))
-    return out
 
 
 def _bm25(question: str, texts: Sequence[str]) -> list[float]:

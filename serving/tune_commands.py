@@ -182,6 +182,9 @@ def tune_retriever_cmd(
     batch_size: int = typer.Option(16, "--batch-size", help="pairs per batch: the other rows' chunks are each row's negatives"),
     learning_rate: float = typer.Option(2e-5, "--learning-rate", help="AdamW learning rate"),
     max_steps: int = typer.Option(-1, "--max-steps", help="stop after N steps (-1: use --epochs)"),
+    positives: str = typer.Option("chunk", "--positives",
+                                  help="what each question is paired with: its oracle chunk, the sentence of it holding "
+                                       "the answer (what the answer-time evidence ranker scores), or both"),
     as_json: bool = typer.Option(False, "--json", help="print the manifest as JSON"),
     home: Optional[str] = _HOME,
 ) -> None:
@@ -203,7 +206,7 @@ def tune_retriever_cmd(
             except json.JSONDecodeError as exc:
                 raise typer.BadParameter(f"{questions}, row {n}: not valid JSON ({exc.msg})") from None
     manifest = train_retriever(ragtune_home(home), collection, rows, name, epochs, batch_size, learning_rate, max_steps,
-                               echo=(lambda *_: None) if as_json else typer.echo)
+                               positives=positives, echo=(lambda *_: None) if as_json else typer.echo)
     if as_json:
         _emit(manifest)
 

@@ -8,7 +8,7 @@ import pytest
 
 from rag.collection import CollectionError, IndexConfig, Workspace
 from tuning.errors import TuningError
-from tuning.recipes.retriever import train_retriever
+from tuning.recipes.retriever import train_retriever, training_pairs
 
 pytestmark = pytest.mark.slow
 
@@ -38,6 +38,16 @@ def test_tuned_retriever_improves_hit_at_1_and_needs_a_reindex(tmp_path):
     ws = Workspace(home)
     ws.create("kv", IndexConfig(chunk_tokens=64))
     ws.index("kv", [docs])
+
+    # positives: the oracle chunk, or the sentence of it holding the answer (what the evidence ranker scores)
+    col = ws.get("kv")
+    chunks = training_pairs(col, questions, "chunk")
+    sentences = training_pairs(col, questions, "sentence")
+    assert [p["text"] for p in sentences] == [q["answer"] for q in questions]
+    assert all(s["text"] in c["text"] and s["text"] != c["text"] for s, c in zip(sentences, chunks))
+    assert len(training_pairs(col, questions, "both")) == 2 * len(questions)
+    with pytest.raises(TuningError, match="positives='chunks' is not one of chunk, sentence, both"):
+        training_pairs(col, questions, "chunks")
 
     manifest = train_retriever(home, "kv", questions, "kv-minilm", epochs=8, batch_size=6, learning_rate=1e-4,
                                echo=lambda *_: None)

@@ -4,7 +4,9 @@
     ragtune reindex corvida --model ~/.local/share/ragtune/retrievers/corvida-minilm
 
 Reads top to bottom: (question, oracle chunk) pairs from the collection (the chunk holding the
-answer's span, as RAFT rows pick it) -> hit@1/hit@4 of the current embedder on those questions
+answer's span, as RAFT rows pick it; with ``positives="sentence"`` the sentence of that chunk holding
+the span, which is what the answer-time evidence ranker, ``serving.evidence``, scores with the same
+embedder; ``"both"`` trains on the two) -> hit@1/hit@4 of the current embedder on those questions
 (dense search over every chunk of the collection) -> sentence-transformers' own trainer with
 ``MultipleNegativesRankingLoss`` (in-batch negatives; a batch sampler that keeps duplicates of one
 chunk out of a batch, so no positive is another row's negative) -> hit@1/hit@4 again -> the model
@@ -27,10 +29,28 @@ from tuning.errors import TuningError
 MANIFEST = "ragtune.json"
 
 
-def training_pairs(col, questions: list[dict]) -> list[dict]:
-    """(question, oracle chunk id, chunk text) for each question whose span lies in a collection document."""
+POSITIVES = ("chunk", "sentence", "both")
+
+
+def answer_sentence(chunk, span: tuple[int, int]) -> str | None:
+    """The sentence (as the evidence ranker splits them) of ``chunk`` that overlaps the answer span most."""
+    from rag.chunking import split_sentences
+
+    best, best_overlap = None, 0
+    for a, b in split_sentences(chunk.text):
+        overlap = min(chunk.start + b, span[1]) - max(chunk.start + a, span[0])
+        if overlap > best_overlap:
+            best, best_overlap = chunk.text[a:b], overlap
+    return best
+
+
+def training_pairs(col, questions: list[dict], positives: str = "chunk") -> list[dict]:
+    """(question, oracle chunk id, positive text) for each question whose span lies in a collection
+    document; the positive is the oracle chunk, the sentence of it holding the span, or one pair of each."""
     from tuning.raft import _find_doc, _oracle_chunk
 
+    if positives not in POSITIVES:
+        raise TuningError(f"positives={positives!r} is not one of {', '.join(POSITIVES)}")
     known = [d["path"] for d in col.documents()]
     pairs = []
     for q in questions:
@@ -38,9 +58,16 @@ def training_pairs(col, questions: list[dict]) -> list[dict]:
         span = q.get("span")
         if not doc or not span or len(span) != 2 or not str(q.get("question", "")).strip():
             continue
-        chunk = _oracle_chunk(col, doc, (int(span[0]), int(span[1])))
-        if chunk is not None:
-            pairs.append({"question": str(q["question"]).strip(), "chunk_id": chunk.id, "text": chunk.text})
+        span = (int(span[0]), int(span[1]))
+        chunk = _oracle_chunk(col, doc, span)
+        if chunk is None:
+            continue
+        question = str(q["question"]).strip()
+        if positives in ("chunk", "both"):
+            pairs.append({"question": question, "chunk_id": chunk.id, "text": chunk.text})
+        sentence = answer_sentence(chunk, span) if positives in ("sentence", "both") else None
+        if sentence:
+            pairs.append({"question": question, "chunk_id": chunk.id, "text": sentence})
     return pairs
 
 
@@ -61,7 +88,7 @@ def hit_at_k(model, col, pairs: list[dict], ks=(1, 4)) -> dict[str, float]:
 
 def train_retriever(home: str | Path, collection: str, questions: list[dict], name: str, epochs: float = 1.0,
                     batch_size: int = 16, learning_rate: float = 2e-5, max_steps: int = -1, seed: int = 42,
-                    echo: Callable[[str], None] = print) -> dict[str, Any]:
+                    positives: str = "chunk", echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Train, measure and save; returns the manifest."""
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
@@ -76,15 +103,16 @@ def train_retriever(home: str | Path, collection: str, questions: list[dict], na
     home = Path(home)
     folder = Layout(home).retriever_dir(name)
     col = Workspace(home).get(collection)
-    pairs = training_pairs(col, questions)
+    pairs = training_pairs(col, questions, positives)
+    measured = list({p["question"]: p for p in pairs}.values())  # hit@k once per question
     if len(pairs) < 2:
         raise TuningError(f"only {len(pairs)} question(s) have a 'doc' and 'span' inside collection {collection!r}; "
                           "retriever tuning needs at least 2 (questions JSONL: question, answer, doc, span)")
     base_id, location = resolve_embedding_model(col.config.embedding_model)
     model = SentenceTransformer(location, device="cpu", trust_remote_code=False)
-    echo(f"{len(pairs)} (question, chunk) pairs from {collection!r}; base {base_id}")
+    echo(f"{len(pairs)} (question, {positives}) pairs from {collection!r}; base {base_id}")
 
-    before = hit_at_k(model, col, pairs)
+    before = hit_at_k(model, col, measured)
     echo(f"before: hit@1 {before['hit_at_1']:.3f}, hit@4 {before['hit_at_4']:.3f}")
 
     # the library's trainer and loss: in-batch negatives, no duplicate chunk within a batch
@@ -100,7 +128,7 @@ def train_retriever(home: str | Path, collection: str, questions: list[dict], na
         result = trainer.train()
     seconds = time.perf_counter() - started
 
-    after = hit_at_k(model, col, pairs)
+    after = hit_at_k(model, col, measured)
     echo(f"after: hit@1 {after['hit_at_1']:.3f}, hit@4 {after['hit_at_4']:.3f} ({seconds:.0f} s)")
 
     # save like an adapter: a complete folder appears at once, with its manifest
@@ -110,7 +138,8 @@ def train_retriever(home: str | Path, collection: str, questions: list[dict], na
     model.save(str(tmp), safe_serialization=True)
     manifest = {"format": 1, "name": name, "task": "retriever", "base_model": base_id, "collection": collection,
                 "pairs": len(pairs), "config": {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
-                                                "max_steps": max_steps, "seed": seed, "loss": "MultipleNegativesRankingLoss"},
+                                                "max_steps": max_steps, "seed": seed, "positives": positives,
+                                                "loss": "MultipleNegativesRankingLoss"},
                 "metrics": {"before": before, "after": after, "train_loss": float(result.training_loss),
                             "steps": int(result.global_step), "seconds": round(seconds, 1),
                             "measured_on": "the training questions (dense search over every chunk)"},
