@@ -39,8 +39,11 @@ demo: install
 	@case "$(HOST)" in 127.0.0.1|localhost|::1) ;; *) echo "WARNING: the app will listen on $(HOST), reachable from the network; set a password (README, Reliability)";; esac
 	RAGTUNE_HOME=$(DEMO_HOME) $(BIN)/python -m serving.app_launch --server.address $(HOST) --server.port $(PORT)
 
+# Two workers, one test file each at a time (module fixtures stay in one process): the suite is mostly
+# one busy core (model loads, subprocess start-ups, servers waiting), so two files overlap well.
+TEST_WORKERS ?= 2
 test: install browser
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 bench: install
 	$(BIN)/python bench/index_bench.py

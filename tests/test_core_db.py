@@ -91,13 +91,13 @@ def _open_at_once(path, barrier, results):
 
 def test_processes_opening_one_new_file_at_once_all_get_wal(tmp_path):
     """Switching a new file to WAL makes SQLite answer "database is locked" at once to a process
-    that loses the lock race (no busy wait); connect() must retry. Before the retry, 10 of 160
+    that loses the lock race (no busy wait); connect() must retry. Before the retry, 10 of 160 (4 x 40)
     openers failed on this machine, and CI failed on it."""
     import multiprocessing as mp
 
     ctx = mp.get_context("fork")
     outcomes = []
-    for round_ in range(20):
+    for round_ in range(12):
         path = tmp_path / f"{round_}.db"
         barrier, results = ctx.Barrier(4), ctx.Queue()
         procs = [ctx.Process(target=_open_at_once, args=(path, barrier, results)) for _ in range(4)]
@@ -107,4 +107,4 @@ def test_processes_opening_one_new_file_at_once_all_get_wal(tmp_path):
             p.join(timeout=120)
         outcomes += [results.get(timeout=5) for _ in procs]
         assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert outcomes == ["ok"] * 80, [o for o in outcomes if o != "ok"]
+    assert outcomes == ["ok"] * 48, [o for o in outcomes if o != "ok"]
