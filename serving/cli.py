@@ -366,6 +366,9 @@ def serve_cmd(
     limits: List[str] = typer.Option([], "--limit", help="server limit key=value, e.g. --limit max_concurrent=4 "
                                      "(keys: see serving/http_guard.py ServerLimits; repeatable)"),
     verbose: bool = typer.Option(False, "--verbose", help="log one line per request"),
+    collection: Optional[str] = typer.Option(None, "--collection", "-c",
+                                             help="serve this collection's promoted adapter as the model 'default' "
+                                                  "(and for requests that name no model); read on every request"),
     config: Optional[Path] = ServeConfigOption,
     overrides: List[str] = ServeSetOption,
     home: Optional[str] = HomeOption,
@@ -376,6 +379,7 @@ def serve_cmd(
     429 at once; bodies over max_body_bytes (default 1 MiB) get 413 before they are read.
 
     Example: RAGTUNE_API_KEY=change-me ragtune serve --port 8000 --limit max_concurrent=4 --set quantize=int8
+    With -c corvida, {"model": "default"} is whatever `ragtune promote` last made corvida's adapter.
     """
     from core.config import build_config, load_config, parse_overrides
     from core.workspace import ragtune_home
@@ -389,6 +393,13 @@ def serve_cmd(
     server_limits = build_config(ServerLimits, parse_overrides(limits), source="--limit")
     if api_key is not None and not api_key.strip():
         fail("--api-key / RAGTUNE_API_KEY is set but empty; give a key or unset it")
+    if collection is not None:
+        from rag.collection import Workspace
+
+        workspace = Workspace(ragtune_home(home))
+        if not workspace.exists(collection):
+            fail(f"collection {collection!r} does not exist (ragtune collections lists them); "
+                 "index it first, or drop --collection")
     warning = exposure_warning(host, api_key)
     if warning:  # before the model loads, so it is the first thing an operator sees
         typer.echo(warning, err=True)
@@ -399,10 +410,12 @@ def serve_cmd(
         fail(str(exc))
     try:
         server = make_server(generator, host, port, default_max_tokens=cfg.max_new_tokens, verbose=verbose,
-                             limits=server_limits, api_key=api_key, warn=False)
+                             limits=server_limits, api_key=api_key, warn=False, collection=collection)
     except OSError as exc:
         fail(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pick another --port or --host")
     models = [generator.base_id] + [a["name"] for a in generator.available_adapters() if a["usable"]]
+    if collection is not None:
+        models.append(f"default (the adapter promoted for {collection!r})")
     typer.echo(f"serving {', '.join(models)} at {server.url} ({'API key required' if api_key else 'no API key'}; "
                f"Ctrl-C to stop)", err=True)
     try:

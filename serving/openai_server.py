@@ -7,6 +7,9 @@
 Endpoints: ``GET /v1/models`` (the base model and every usable adapter), ``POST /v1/chat/completions``
 and ``POST /v1/completions``, streamed as server-sent events when ``"stream": true``; ``GET /health``.
 ``model`` is the base model's id (or ``"base"``) or an adapter name, as with vLLM's LoRA serving.
+Started for a collection (``ragtune serve --collection C``), the model ``"default"`` (and a request
+that names no model) is the adapter promoted for ``C`` (issue 13, :mod:`serving.promotion`), read on
+every request, so a promotion or rollback made by another process applies without a restart.
 
 What the server guards, and where (limits in :class:`serving.http_guard.ServerLimits`):
 
@@ -217,11 +220,16 @@ class _SlotStreamingResponse(StreamingResponse):
 
 # ------------------------------------------------------------------------------ the application
 
+DEFAULT_MODEL = "default"  # with a collection: its promoted adapter (the base before any promotion)
+
+
 class _Service:
-    def __init__(self, generator: Any, limits: ServerLimits, default_max_tokens: int) -> None:
+    def __init__(self, generator: Any, limits: ServerLimits, default_max_tokens: int,
+                 collection: Optional[str] = None) -> None:
         self.generator = generator
         self.limits = limits
         self.default_max_tokens = default_max_tokens
+        self.collection = collection
         self.slots = Slots(limits.max_concurrent)
         home = getattr(generator, "home", None)
         self._secrets = sorted({str(home), str(home.resolve())} if home is not None else set(), key=len, reverse=True)
@@ -232,10 +240,20 @@ class _Service:
             message = message.replace(secret, "$RAGTUNE_HOME")
         return message
 
+    def promoted(self) -> Optional[str]:
+        """The adapter promoted for the server's collection now (None: the base, or no collection)."""
+        if self.collection is None:
+            return None
+        from serving.promotion import current_adapter
+
+        return current_adapter(self.generator.home, self.collection)
+
     def adapter_for(self, model: Optional[str]) -> Optional[str]:
         """The adapter ``model`` names (None = the base). Whether a name exists is decided by the adapter
         registry's listing, never by probing a path, so the answer tells nothing about other folders."""
         gen = self.generator
+        if self.collection is not None and model in (None, DEFAULT_MODEL):
+            model = self.promoted()
         if model in (None, "base", gen.base_id):
             return None
         try:
@@ -253,11 +271,12 @@ class _Service:
             raise ApiError(404, f"model {model!r}: {self.redact(str(entry.get('why')))}", code="model_not_found")
         return model
 
-    def open_stream(self, model: Optional[str], start: Callable[[Optional[str]], Any]) -> Any:
-        """Runs in a worker thread: resolve the model, load its adapter if needed, tokenize the prompt."""
+    def open_stream(self, model: Optional[str], start: Callable[[Optional[str]], Any]) -> tuple[str, Any]:
+        """Runs in a worker thread: resolve the model, load its adapter if needed, tokenize the prompt.
+        Returns the model that answers (the adapter's name or the base id) and the token stream."""
         adapter = self.adapter_for(model)
         try:
-            return start(adapter)
+            return adapter or self.generator.base_id, start(adapter)
         except InvalidName:  # the registry refused the folder (a symlink out of it, say): as if it did not exist
             raise ApiError(404, f"model {model!r} does not exist; GET /v1/models lists the models this server serves",
                            code="model_not_found") from None
@@ -270,6 +289,9 @@ class _Service:
         gen = self.generator
         now = int(time.time())
         data = [{"id": gen.base_id, "object": "model", "created": now, "owned_by": "ragtune"}]
+        if self.collection is not None:
+            data.append({"id": DEFAULT_MODEL, "object": "model", "created": now, "owned_by": "ragtune",
+                         "parent": self.promoted() or gen.base_id, "collection": self.collection})
         data += [{"id": a["name"], "object": "model", "created": now, "owned_by": "ragtune", "parent": gen.base_id}
                  for a in gen.available_adapters() if a.get("usable")]
         return {"object": "list", "data": data}
@@ -288,10 +310,10 @@ async def _generate(service: _Service, req: _Sampling, start: Callable[[Optional
         raise ApiError(429, f"the server is busy ({service.limits.max_concurrent} requests generating); retry shortly",
                        "rate_limit_error", "too_many_requests", headers={"Retry-After": "1"})
     try:
-        tokens = await run_in_threadpool(service.open_stream, req.model, lambda adapter: start(adapter, params))
+        served, tokens = await run_in_threadpool(service.open_stream, req.model, lambda adapter: start(adapter, params))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
-        model = req.model or service.generator.base_id
+        model = served if req.model in (None, DEFAULT_MODEL) and service.collection is not None else (req.model or served)
         if not req.stream:
             try:
                 text = await run_in_threadpool(lambda: "".join(tokens))
@@ -346,10 +368,11 @@ async def _events(service: _Service, tokens: Any, rid: str, created: int, model:
 
 
 def create_app(generator: Any, limits: Optional[ServerLimits] = None, api_key: Optional[str] = None,
-               default_max_tokens: int = 256) -> "RequestGuard":
-    """The ASGI application: FastAPI routes behind :class:`RequestGuard`."""
+               default_max_tokens: int = 256, collection: Optional[str] = None) -> "RequestGuard":
+    """The ASGI application: FastAPI routes behind :class:`RequestGuard`; with ``collection``, the model
+    ``"default"`` is that collection's promoted adapter."""
     limits = limits or ServerLimits()
-    service = _Service(generator, limits, default_max_tokens)
+    service = _Service(generator, limits, default_max_tokens, collection)
     app = FastAPI(title="ragtune", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
 
     @app.exception_handler(ApiError)
@@ -404,21 +427,23 @@ def create_app(generator: Any, limits: Optional[ServerLimits] = None, api_key: O
 
 def make_server(generator: Any, host: str = "127.0.0.1", port: int = 8000, default_max_tokens: int = 256,
                 verbose: bool = False, limits: Optional[ServerLimits] = None, api_key: Optional[str] = None,
-                warn: bool = True) -> OpenAIServer:
+                warn: bool = True, collection: Optional[str] = None) -> OpenAIServer:
     """A server bound to ``host:port`` (port 0 = a free port: read ``server.server_address``). Logs a
     warning when it listens beyond loopback with no API key (``warn=False``: the caller prints it)."""
     limits = limits or ServerLimits()
     warning = exposure_warning(host, api_key) if warn else None
     if warning:
         log.warning(warning)
-    return OpenAIServer(create_app(generator, limits, api_key, default_max_tokens), host, port, limits, verbose)
+    return OpenAIServer(create_app(generator, limits, api_key, default_max_tokens, collection), host, port, limits, verbose)
 
 
 def serve_in_thread(generator: Any, host: str = "127.0.0.1", port: int = 0, *, limits: Optional[ServerLimits] = None,
-                    api_key: Optional[str] = None, default_max_tokens: int = 256) -> tuple[OpenAIServer, str]:
+                    api_key: Optional[str] = None, default_max_tokens: int = 256,
+                    collection: Optional[str] = None) -> tuple[OpenAIServer, str]:
     """Start a server in a daemon thread; returns (server, base URL ending in /v1). Stop with
     ``server.shutdown()``."""
-    server = make_server(generator, host, port, default_max_tokens, limits=limits, api_key=api_key).start()
+    server = make_server(generator, host, port, default_max_tokens, limits=limits, api_key=api_key,
+                         collection=collection).start()
     return server, server.url
 
 

@@ -211,6 +211,49 @@ def test_gate_promotes_a_better_candidate_records_force_and_rolls_back(loop_home
         promotion.rollback(loop_home, "loop")
 
 
+def test_server_for_a_collection_serves_its_promoted_adapter_as_default(loop_home, loop_assistant):
+    """`ragtune serve -c loop`: the model 'default' (and a request naming none) is the promoted adapter,
+    read per request: a promotion and a rollback apply without a restart."""
+    import urllib.request
+
+    from serving import promotion
+    from serving.openai_server import serve_in_thread
+
+    server, url = serve_in_thread(loop_assistant.generator, collection="loop", default_max_tokens=6)
+
+    def complete(model):
+        body = {"prompt": "The ferry to Tullan Island leaves at", "max_tokens": 6, "temperature": 0}
+        if model is not None:
+            body["model"] = model
+        request = urllib.request.Request(url + "/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            out = json.loads(response.read())
+        return out["model"], out["choices"][0]["text"]
+
+    def listed_default():
+        with urllib.request.urlopen(url + "/models", timeout=30) as response:
+            return next(m for m in json.loads(response.read())["data"] if m["id"] == "default")
+
+    try:
+        assert promotion.current_adapter(loop_home, "loop") is None
+        base = complete("base")
+        assert complete("default") == (loop_assistant.generator.base_id, base[1]) == complete(None)
+        assert listed_default()["parent"] == loop_assistant.generator.base_id
+        wreck = complete("wreck")
+        assert wreck[1] != base[1]  # the adapter changes the answer, so the comparison below can fail
+        promotion.record_promotion(loop_home, "loop", "wreck", {"test": "server default"}, forced=True)
+        assert complete("default") == ("wreck", wreck[1]) == complete(None)  # no restart
+        assert listed_default() | {"created": 0} == {"id": "default", "object": "model", "created": 0, "owned_by": "ragtune",
+                                                     "parent": "wreck", "collection": "loop"}
+        assert complete("base") == ("base", base[1])  # naming a model still wins
+        promotion.rollback(loop_home, "loop")
+        assert complete("default")[1] == base[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert promotion.current_adapter(loop_home, "loop") is None
+
+
 def test_decision_rule_both_directions():
     from serving.promotion import decide, forgetting_check
 
@@ -244,6 +287,8 @@ def test_cli_feedback_and_promote_refuse_bad_names(loop_home, tmp_path):
     r = cli("feedback", "export", "-c", "loop", "--out", str(tmp_path / "cli.jsonl"), "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["sha256"] and (tmp_path / "cli.jsonl").exists()
+    r = cli("serve", "-c", "nope", "--port", "0")  # refused before the model loads, naming the fix
+    assert r.returncode == 1 and "collection 'nope' does not exist" in r.stderr and "ragtune collections" in r.stderr
 
 
 def test_app_correction_promoted_default_and_feedback_panel(loop_home, loop_assistant, tmp_path, monkeypatch):
