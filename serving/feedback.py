@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.files import write_atomic
 from tuning.raft import REFUSAL, SYSTEM_PLAIN, SYSTEM_RAG, format_context
 
 CHANGED = "changed_document"
@@ -247,9 +248,7 @@ def build_rows(store: Any, ab_store: Any, workspace: Any, collection: str, *, th
 def _write(path: Path, rows: list[dict[str, Any]]) -> str:
     data = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows).encode("utf-8")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    write_atomic(path, data)
     return hashlib.sha256(data).hexdigest()
 
 

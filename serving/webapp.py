@@ -35,6 +35,7 @@ import yaml
 
 from core.names import InvalidName, check_name, child_path, within_roots
 from core.config import ConfigError, field, load_config
+from core.files import write_atomic
 from core.progress import format_duration
 from core.workspace import Layout, ragtune_home
 from rag.collection import CollectionError
@@ -234,9 +235,7 @@ def _save_load_seconds(home: str | os.PathLike, seconds: float) -> None:
     path = _load_seconds_path(home)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"seconds": round(seconds, 1)}))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps({"seconds": round(seconds, 1)}))
     except OSError:
         pass  # only an estimate for next time
 
@@ -340,9 +339,7 @@ def save_uploads(home: str | os.PathLike, collection: str, files: Iterable[tuple
             raise ValueError(f"{name}: {len(data) / 1e6:.1f} MB is over the upload limit of {max_bytes / 1e6:.0f} MB; "
                              f"split the file or raise max_upload_mb in {APP_CONFIG_FILE}")
         target = child_path(folder, safe_filename(name), "upload name")
-        tmp = folder / f".{target.name}.part"
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
+        write_atomic(target, data)
         written.append(target)
     return written
 

@@ -72,3 +72,22 @@ def test_a_folder_or_missing_file_as_config(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(Demo, tmp_path / "none.yaml")
     assert load_config(Demo, None, ["rate=0.25"]).rate == 0.25
+
+
+def test_write_atomic_replaces_whole_files_and_a_failure_keeps_the_old(tmp_path, monkeypatch):
+    import os
+
+    from core.files import write_atomic
+
+    target = tmp_path / "run.json"
+    write_atomic(target, "first")
+    write_atomic(target, b"second", fsync=True)
+    assert target.read_text() == "second"
+
+    def broken_replace(src, dst):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk gone"):
+        write_atomic(target, "third")
+    assert target.read_text() == "second" and sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]

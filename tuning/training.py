@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
+from core.files import write_atomic
 from core.progress import format_duration
 from tuning import attention
 from tuning.config import TuneConfig
@@ -512,9 +513,7 @@ def write_run_info(run_dir: Path, config: TuneConfig, base: Any, resume_from: st
             "quant": config.quant, "config": resolved_dict(config),
             "base_model": {"id": base.id, "kind": base.kind, "path": str(base.path)},
             "started": time.time(), "resumed_from": Path(resume_from).name if resume_from else None}
-    tmp = run_dir / ".run.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, run_dir / "run.json")
+    write_atomic(run_dir / "run.json", json.dumps(info, indent=2, default=str))
 
 
 def prepare_run_dir(run_dir: Path, resume: bool) -> str | None:
