@@ -393,13 +393,9 @@ def serve_cmd(
     server_limits = build_config(ServerLimits, parse_overrides(limits), source="--limit")
     if api_key is not None and not api_key.strip():
         fail("--api-key / RAGTUNE_API_KEY is set but empty; give a key or unset it")
-    if collection is not None:
-        from rag.collection import Workspace
-
-        workspace = Workspace(ragtune_home(home))
-        if not workspace.exists(collection):
-            fail(f"collection {collection!r} does not exist (ragtune collections lists them); "
-                 "index it first, or drop --collection")
+    if collection is not None and not workspace(home).exists(collection):
+        fail(f"collection {collection!r} does not exist (ragtune collections lists them); "
+             "index it first, or drop --collection")
     warning = exposure_warning(host, api_key)
     if warning:  # before the model loads, so it is the first thing an operator sees
         typer.echo(warning, err=True)

@@ -242,8 +242,6 @@ class _Service:
 
     def promoted(self) -> Optional[str]:
         """The adapter promoted for the server's collection now (None: the base, or no collection)."""
-        if self.collection is None:
-            return None
         from serving.promotion import current_adapter
 
         return current_adapter(self.generator.home, self.collection)
@@ -313,7 +311,8 @@ async def _generate(service: _Service, req: _Sampling, start: Callable[[Optional
         served, tokens = await run_in_threadpool(service.open_stream, req.model, lambda adapter: start(adapter, params))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
-        model = served if req.model in (None, DEFAULT_MODEL) and service.collection is not None else (req.model or served)
+        alias = service.collection is not None and req.model in (None, DEFAULT_MODEL)
+        model = served if alias else (req.model or served)  # the alias shows the adapter that answered
         if not req.stream:
             try:
                 text = await run_in_threadpool(lambda: "".join(tokens))

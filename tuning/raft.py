@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.files import write_atomic
 from tuning.errors import RaftError
 
 
@@ -239,6 +240,4 @@ def write_raft(home, collection: str, questions_file: str | Path, out: str | Pat
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    from core.files import write_atomic
-
     write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

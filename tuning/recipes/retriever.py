@@ -18,7 +18,6 @@ written to a temp folder and renamed, like an adapter. A collection uses it only
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -132,9 +131,9 @@ def train_retriever(home: str | Path, collection: str, questions: list[dict], na
     echo(f"after: hit@1 {after['hit_at_1']:.3f}, hit@4 {after['hit_at_4']:.3f} ({seconds:.0f} s)")
 
     # save like an adapter: a complete folder appears at once, with its manifest
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    from tuning.training import publish_folder, staging_dir
+
+    tmp = staging_dir(folder.parent, name)
     model.save(str(tmp), safe_serialization=True)
     manifest = {"format": 1, "name": name, "task": "retriever", "base_model": base_id, "collection": collection,
                 "pairs": len(pairs), "config": {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
@@ -145,10 +144,5 @@ def train_retriever(home: str | Path, collection: str, questions: list[dict], na
                             "measured_on": "the training questions (dense search over every chunk)"},
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-    old = folder.with_name(f".{folder.name}.old")
-    if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+    publish_folder(tmp, folder)
     return manifest
