@@ -113,14 +113,17 @@ def correction_form(answer: dict, message_id: int) -> None:
             options = ["(not given)"] + [f"[{s['n']}] {s['doc']}" for s in answer.get("sources") or []] + [NOT_IN_SOURCES]
             where = st.selectbox("Which source holds it?", options, key=f"correction_source_{message_id}")
             sent = st.form_submit_button("Save correction")
-        if sent:
-            source_n = int(where[1:where.index("]")]) if where.startswith("[") else None
-            try:
-                cid = webapp.record_correction(home, message_id, text, source_n, where == NOT_IN_SOURCES)
-                answer["corrected"] = cid
-                st.success(f"Saved (correction {cid}). It becomes training data on the Tuning page's \"From feedback\" panel.")
-            except webapp.USER_ERRORS as exc:
-                st.error(str(exc))
+    # the outcome shows below the expander: the page reruns on submit and the expander may come back closed
+    if sent:
+        source_n = int(where[1:where.index("]")]) if where.startswith("[") else None
+        try:
+            cid = webapp.record_correction(home, message_id, text, source_n, where == NOT_IN_SOURCES)
+            answer["corrected"] = cid
+            st.success(f"Saved (correction {cid}). It becomes training data on the Tuning page's \"From feedback\" panel.")
+        except webapp.USER_ERRORS as exc:
+            st.error(str(exc))
+    elif answer.get("corrected"):
+        st.caption(f"Corrected (correction {answer['corrected']}): it becomes training data on the Tuning page.")
 
 
 for message in state.messages:

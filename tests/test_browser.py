@@ -3,8 +3,9 @@ as `make demo` starts it (``python -m serving.app_launch``, the repo's .streamli
 localhost port with a temp RAGTUNE_HOME that holds the indexed demo slice.
 
 One flow: the first RAG answer (timed from the server's health check), an image link in the question that
-must not be fetched (a local HTTP server counts requests), then create a collection by uploading a file,
-ask it, and see the cited span. The chat's tokens/s and `ragtune ask`'s on the same question in the same run
+must not be fetched (a local HTTP server counts requests), a correction of that answer saved from the chat
+(stored with the source it names), then create a collection by uploading a file, ask it, and see the cited
+span. The chat's tokens/s and `ragtune ask`'s on the same question in the same run
 are recorded with their ratio in test-artifacts/browser.json; they are figures, not assertions (speed goals
 are met in bench/, never in timed tests: on an idle machine the ratio was 0.55, under load 0.97-1.06)."""
 
@@ -34,6 +35,7 @@ QUESTION = "When is the Vexa-7 gasket replaced?"
 UPLOAD_DOC = ("# Orla service note\n\nThe Orla-3 circulation pump must be descaled every 14 months by a certified "
               "installer. ![tracker](http://127.0.0.1:{port}/from-document.png)\n")
 UPLOAD_QUESTION = "How often must the Orla-3 pump be descaled?"
+CORRECTION = "Every 24 months, per the maintenance schedule [1]."
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -124,6 +126,10 @@ def _tokens_per_s(caption: str) -> float:
 def test_demo_flow_in_a_real_browser(app_server, trap_server, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
+    from rag.collection import Workspace
+    from serving.feedback import pending
+    from serving.history import ChatStore
+
     trap_port, hits = trap_server
     url = app_server["url"]
     figures: dict[str, float] = {}
@@ -147,7 +153,24 @@ def test_demo_flow_in_a_real_browser(app_server, trap_server, tmp_path):
             expect(page.get_by_text("INJECTED", exact=False).first).to_be_visible()
             assert page.locator("#injected-bold").count() == 0  # the document's markup is text
             assert page.evaluate("window.__ragtune_injected === undefined")
-            # 2. create a collection by uploading a file
+            # 2. correct that answer (issue 13): the right answer and the source that holds it
+            before = pending(app_server["home"], "corvida")["corrections"]
+            page.get_by_text("Correct this answer").first.click()
+            page.get_by_label("The right answer").first.fill(CORRECTION)
+            try:
+                chooser = page.get_by_label("Which source holds it?").first
+                chooser.click()
+                chooser.press_sequentially("[1]")  # the select filters its options by what is typed
+                page.get_by_role("option").filter(has_text="[1]").first.click(timeout=10_000)
+            except Exception:
+                page.screenshot(path=str(ARTIFACTS / "browser-correction-fail.png"), full_page=True)
+                raise
+            page.get_by_role("button", name="Save correction").first.click()
+            expect(page.get_by_text("Saved (correction", exact=False).first).to_be_visible(timeout=30_000)
+            stored = ChatStore(Workspace(app_server["home"]).db_path).corrections("corvida")
+            assert pending(app_server["home"], "corvida")["corrections"] == before + 1
+            assert stored[-1]["correction"] == CORRECTION and stored[-1]["source_n"] == 1, stored[-1]
+            # 3. create a collection by uploading a file
             page.goto(url + "/collections")
             field = page.get_by_label("Collection (new or existing)").first
             expect(field).to_be_visible(timeout=60_000)
@@ -159,7 +182,7 @@ def test_demo_flow_in_a_real_browser(app_server, trap_server, tmp_path):
             expect(page.get_by_text("orla-service.md").first).to_be_visible(timeout=30_000)
             page.get_by_role("button", name="Upload and index").click()
             expect(page.get_by_text("orla-notes: 1 added", exact=False)).to_be_visible(timeout=120_000)
-            # 3. ask the new collection and see the cited span highlighted
+            # 4. ask the new collection and see the cited span highlighted
             page.goto(url)
             expect(page.get_by_test_id("stChatInputTextArea")).to_be_visible(timeout=60_000)
             page.get_by_test_id("stSelectbox").filter(has_text="Collection").click()
