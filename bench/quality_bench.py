@@ -5,7 +5,8 @@
     python bench/quality_bench.py --home .ragtune --split dev --set grounded=true --set evidence_sentences=4
 
 Both arms answer the same questions greedily; ``baseline`` is :data:`BASELINE` (the options of issue 11
-off: today's defaults), ``ragtune`` is ``ServeConfig()``'s defaults plus any ``--set``. Metrics (names
+off: today's defaults, in both modes), ``ragtune`` is ``ServeConfig()``'s defaults plus any ``--set``
+(``rag+ft`` reads with the ``ragft_*`` options). Metrics (names
 fixed by issue 11), one JSON line each:
 
 - ``demo_rag_correct`` / ``demo_rag_token_f1``: demo test set, base model + retrieval (``rag``);
@@ -43,7 +44,8 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 QA = REPO / "corpora" / "corvida" / "qa"
-BASELINE = {"grounded": False, "cad_alpha": 0.0, "evidence_sentences": 0, "abstain_threshold": 0.0}
+BASELINE = {"grounded": False, "cad_alpha": 0.0, "evidence_sentences": 0, "abstain_threshold": 0.0,
+            "ragft_grounded": False, "ragft_evidence_sentences": 0}
 MAX_NEW_TOKENS = 64  # as the A/B runner
 SAMPLES_FILE: Path | None = None
 
@@ -154,8 +156,9 @@ def paired_ci(a: list[float], b: list[float], reps: int = 2000, seed: int = 0) -
     return sum(diffs) / n, boots[int(0.025 * reps)], boots[int(0.975 * reps) - 1]
 
 
-def dev_rows() -> list[dict]:
-    rows = load(QA / "dev.jsonl")
+def dev_rows(limit: int = 0) -> list[dict]:
+    """qa/dev.jsonl (its first ``limit`` rows when given) plus one synthetic unanswerable row for each."""
+    rows = load(QA / "dev.jsonl")[:limit or None]
     synthetic = [{**r, "id": r["id"] + "-nodoc", "answer": "The knowledge base does not say.", "kind": "unanswerable",
                   "exclude_doc": r["doc"], "doc": None, "span": None}
                  for r in rows if r.get("doc") and not r.get("also")]
@@ -171,7 +174,8 @@ def main() -> None:
     parser.add_argument("--covid-adapter", default=None, help="adapter for covid_ragft_token_f1")
     parser.add_argument("--covid-questions", type=Path, default=REPO / "data" / "covidqa" / "test.jsonl")
     parser.add_argument("--split", choices=["test", "dev"], default="test")
-    parser.add_argument("--limit", type=int, default=0, help="first N rows of each set (0 = as --quick/full say)")
+    parser.add_argument("--limit", type=int, default=0, help="first N rows of each set (0 = as --quick/full say; "
+                        "dev: of qa/dev.jsonl, each with its synthetic unanswerable row)")
     parser.add_argument("--set", action="append", default=[], help="ragtune arm option key=value (ServeConfig), repeatable")
     parser.add_argument("--baseline-set", action="append", default=[], help="baseline arm option key=value, repeatable")
     parser.add_argument("--arms", default="baseline,ragtune", help="which arms to run")
@@ -196,7 +200,7 @@ def main() -> None:
     assistant = Assistant.open(args.home, ragtune_cfg, log=False)
     modes = [m for m in args.modes.split(",") if m == "rag" or (m == "rag+ft" and args.adapter)]
     if args.split == "dev":
-        sets = {"dev": dev_rows()}
+        sets = {"dev": dev_rows(args.limit)}  # the limit before the synthetic rows: both kinds stay in
     else:
         test = load(QA / "test.jsonl")
         unseen = load(QA / "unseen.jsonl")
@@ -204,7 +208,7 @@ def main() -> None:
             test = test[:40] + [r for r in test[40:] if r.get("kind") == "unanswerable"]
             unseen = unseen[:30]
         sets = {"test": test, "unseen": unseen}
-    if args.limit:
+    if args.limit and args.split == "test":
         sets = {k: v[:args.limit] for k, v in sets.items()}
     samples: list[dict] = []
     results: dict[tuple[str, str, str], list[dict]] = {}
@@ -217,8 +221,9 @@ def main() -> None:
                 assistant.config = arms[arm]
                 results[(set_name, mode, arm)] = answer_rows(assistant, rows, mode, args.collection, args.adapter,
                                                              f"{set_name}/{arm}", samples)
-    config_note = {"baseline": {k: getattr(baseline_cfg, k) for k in (*BASELINE, "k", "source_tokens")},
-                   "ragtune": {k: getattr(ragtune_cfg, k) for k in (*BASELINE, "k", "source_tokens", "evidence_window_tokens")},
+    shown = (*BASELINE, "grounded_spans", "ragft_grounded_spans", "k", "source_tokens", "evidence_window_tokens")
+    config_note = {"baseline": {k: getattr(baseline_cfg, k) for k in shown},
+                   "ragtune": {k: getattr(ragtune_cfg, k) for k in shown},
                    "adapter": args.adapter, "max_new_tokens": MAX_NEW_TOKENS, "split": args.split, "quick": args.quick}
     print(json.dumps({"bench": "quality", "config": config_note}), flush=True)
     main_set = "dev" if args.split == "dev" else "test"

@@ -257,7 +257,7 @@ class Assistant:
         """Check, retrieve, build the prompt and start generating; iterate the result for text pieces."""
         started = time.perf_counter()
         self.check(question, mode, collection, adapter)
-        cfg = self.config
+        cfg = self.config.for_mode(mode)
         question = question.strip()
         turns = normalize_history(history)
         use_adapter = adapter if uses_adapter(mode) else None

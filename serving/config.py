@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from core.config import ConfigError, field
@@ -60,6 +60,12 @@ class ServeConfig:
                                                "(0 = off). 0.479 was the dev split's choice (<= 5% false abstain on qa/dev.jsonl) but abstained on "
                                                "66% of the paraphrased test questions: see the README before turning it on")
     refusal_text: str = field("The sources do not say.", help="what the assistant answers when it abstains")
+    # rag+ft reads with its own options: an adapter answers best in the layout it was trained on (RAFT rows hold
+    # whole chunks, decoded plainly), which is not the base model's best (README, "Answering from the sources")
+    ragft_grounded: bool = field(False, help="rag+ft: grounded decoding (as `grounded`, for answers with an adapter)")
+    ragft_grounded_spans: int = field(0, help="rag+ft: at most this many copied spans (as `grounded_spans`)")
+    ragft_evidence_sentences: int = field(0, help="rag+ft: the best N sentences instead of whole chunks (as "
+                                                  "`evidence_sentences`; 0 = whole chunks, the RAFT rows' layout)")
 
     def __post_init__(self) -> None:
         if self.k < 1 or self.k > 20:
@@ -76,12 +82,14 @@ class ServeConfig:
             raise ConfigError("context_tokens: must be >= 256 (example: context_tokens=2048)")
         if self.source_tokens < 32:
             raise ConfigError("source_tokens: must be >= 32")
-        if self.grounded_spans < 0:
-            raise ConfigError("grounded_spans: must be >= 0 (0 = any number; example: grounded_spans=1)")
+        for key in ("grounded_spans", "ragft_grounded_spans"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key}: must be >= 0 (0 = any number; example: {key}=1)")
         if self.cad_alpha < 0 or self.cad_alpha > 10:
             raise ConfigError(f"cad_alpha: {self.cad_alpha} is out of range; use 0 (off) to 10 (example: cad_alpha=0.5)")
-        if self.evidence_sentences < 0 or self.evidence_sentences > 40:
-            raise ConfigError("evidence_sentences: use 0 (off) to 40 (example: evidence_sentences=4)")
+        for key in ("evidence_sentences", "ragft_evidence_sentences"):
+            if not 0 <= getattr(self, key) <= 40:
+                raise ConfigError(f"{key}: use 0 (off) to 40 (example: {key}=4)")
         if self.evidence_window_tokens < 8:
             raise ConfigError("evidence_window_tokens: must be >= 8 (example: evidence_window_tokens=48)")
         if not -1.0 <= self.abstain_threshold <= 1.0:
@@ -94,6 +102,13 @@ class ServeConfig:
             raise ConfigError("kv_cache_tokens: must be >= 512 (example: kv_cache_tokens=32768)")
         if self.history_turns < 0 or self.max_question_chars < 1:
             raise ConfigError("history_turns must be >= 0 and max_question_chars >= 1")
+
+    def for_mode(self, mode: str) -> "ServeConfig":
+        """The options one answer in ``mode`` reads with: ``rag+ft`` takes its ``ragft_*`` reading options."""
+        if mode != "rag+ft":
+            return self
+        return replace(self, grounded=self.ragft_grounded, grounded_spans=self.ragft_grounded_spans,
+                       evidence_sentences=self.ragft_evidence_sentences)
 
 
 __all__ = ["ServeConfig", "ServingError", "ConfigError", "Mode", "MODES"]

@@ -199,3 +199,31 @@ def test_abstain_threshold_from_config_flags_the_answer_refused_with_reason(serv
         ServeConfig(abstain_threshold=2.0)
     with pytest.raises(ConfigError, match="cad_alpha"):
         ServeConfig(cad_alpha=-1)
+
+
+def test_rag_ft_reads_with_its_own_options(serving_home, serving_generator):
+    """rag and rag+ft read the same hits with their own options: by default rag gets the best sentence,
+    grounded, and rag+ft (an adapter trained on whole chunks) gets whole chunks decoded plainly; the
+    ragft_* keys change rag+ft alone."""
+    from rag.collection import Workspace
+    from serving.assistant import Assistant
+
+    def ask(mode, **options):
+        config = ServeConfig(max_new_tokens=8, k=2, **options)
+        assistant = Assistant(Workspace(serving_home), serving_generator, config)
+        return assistant.answer(QUESTIONS[0], mode, "corvida", "alpha" if mode == "rag+ft" else None, log=False)
+
+    rag, ragft = ask("rag"), ask("rag+ft")
+    assert rag.decoding["evidence_sentences"] == 1 and rag.decoding["grounded"] and len(rag.sources) == 1
+    assert ragft.decoding["evidence_sentences"] == 0 and not ragft.decoding["grounded"] and ragft.spans == []
+    assert [s.text for s in ragft.sources] == [h.text for h in ragft.hits[:len(ragft.sources)]]  # whole chunks
+    assert len(ragft.sources) == 2 and len(ragft.sources[0].text) > len(rag.sources[0].text)
+    tuned = ask("rag+ft", ragft_grounded=True, ragft_grounded_spans=1, ragft_evidence_sentences=1)
+    assert tuned.decoding["grounded"] and tuned.decoding["grounded_spans"] == 1 and tuned.decoding["evidence_sentences"] == 1
+    assert len(tuned.sources) == 1 and len(tuned.spans) <= 1
+    unchanged = ask("rag", ragft_grounded=False, ragft_evidence_sentences=3)
+    assert unchanged.decoding == rag.decoding and unchanged.text == rag.text
+    with pytest.raises(ConfigError, match="ragft_evidence_sentences"):
+        ServeConfig(ragft_evidence_sentences=41)
+    with pytest.raises(ConfigError, match="ragft_grounded_spans"):
+        ServeConfig(ragft_grounded_spans=-1)
