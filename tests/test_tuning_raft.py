@@ -24,6 +24,8 @@ FACTS = {
                    "Technicians carry spare strainers.", "The service contract renews each January."],
 }
 FILLER = "This paragraph adds unrelated background so that documents span several chunks of text. " * 3
+# a fact repeated in a second document (no question of its own): it must never be a distractor for that fact
+REPEATED = ("faq.md", "The warranty on HX units lasts seven years.")
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +42,7 @@ def raft_setup(tmp_path_factory):
                               "answer": fact, "doc": name, "span": [start, start + len(fact)]})
     questions.append({"id": "none", "question": "What colour is the CEO's car?", "answer": "The knowledge base does not say.",
                       "doc": None, "span": None})
+    (root / REPEATED[0]).write_text(f"# Frequent questions\n\nHow long is the cover? {REPEATED[1]}\n", encoding="utf-8")
     ws = Workspace(home)
     ws.create("demo", IndexConfig(chunk_tokens=48, chunk_overlap=0))
     ws.index("demo", [root])
@@ -160,3 +163,22 @@ def test_abstention_rows_target_the_refusal_and_their_labels_cover_it(raft_setup
     assert losses and all(0 < x < 20 for x in losses)
     with pytest.raises(RaftError, match="abstain-share"):
         build_raft(col, questions, abstain_share=2.0)
+
+
+def test_a_hit_that_holds_the_answer_is_never_a_distractor(raft_setup):
+    """The warranty fact is also in faq.md: its chunk ranks high for the warranty question, but no row
+    (with or without its oracle, abstention or not) shows it as a distractor; the report counts it."""
+    from tuning.raft import holds_answer
+
+    col, questions, _ = raft_setup
+    warranty = [q for q in questions if q["answer"] == REPEATED[1]]
+    top = col.search(warranty[0]["question"], k=4)
+    assert REPEATED[0] in [h.doc for h in top]  # without the rule it would be picked as a hard negative
+    for share in (0.0, 1.0):
+        train, _, report = build_raft(col, warranty, distractors=3, no_oracle_share=share, abstain_share=share, seed=1)
+        assert len(train) == 1 and report.distractors_with_answer >= 1
+        assert REPEATED[0] not in [s["doc"] for s in train[0]["sources"]]
+        assert train[0]["answer"] == ("The sources do not say." if share else train[0]["answer"])
+        if share:  # the abstention row's sources really do not hold the answer
+            assert not holds_answer(train[0]["context"], REPEATED[1])
+    assert holds_answer("Cover: after 7 years,\nit ends.", "7 YEARS") and not holds_answer("16 months", "6")

@@ -17,6 +17,9 @@ For each question with its source document (``doc`` and the supporting ``span`` 
   collection's "not in the sources" sentence (``refusal``) instead of the answer, and every
   unanswerable question gets that target too. Without them, rows without their oracle teach a small
   model to answer from memory even when the sources do not hold the answer (issue 11);
+- a distractor never holds the answer: a hit whose text contains the answer (as whole words, case and
+  spacing ignored) is dropped, so the same fact repeated in another document cannot turn an abstention
+  row into "refuse although the sources say it" (39% of the demo's abstention rows did before);
 - train and test are split by source document (``test_share``), so no test document is seen in training.
 
 Output rows are ``{"question", "context", "answer", ...}``: the ``qa`` record shape ``ragtune tune`` reads.
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +50,7 @@ class RaftReport:
     rejected_quote: int = 0
     skipped_unknown_doc: int = 0
     skipped_no_span: int = 0
+    distractors_with_answer: int = 0  # top hits that held the answer, replaced by the next ones
     test_docs: list[str] = field(default_factory=list)
     out: str = ""
     test_out: str | None = None
@@ -59,6 +64,15 @@ def _find_doc(col, doc: str, known: list[str]) -> str | None:
         return doc
     matches = [d for d in known if d.endswith("/" + doc.lstrip("/"))]
     return matches[0] if len(matches) == 1 else None
+
+
+def holds_answer(text: str, answer: str) -> bool:
+    """``answer`` occurs in ``text`` as whole words, case and spacing ignored ("7 years" is in "after 7 years,"
+    but "6" is not in "16")."""
+    needle = " ".join(answer.lower().split())
+    if not needle:
+        return False
+    return re.search(r"(?<!\w)" + re.escape(needle) + r"(?!\w)", " ".join(text.lower().split())) is not None
 
 
 def _oracle_chunk(col, doc: str, span: tuple[int, int]):
@@ -158,9 +172,13 @@ def build_raft(col, questions: list[dict], distractors: int = 3, no_oracle_share
         oracle_ids = {o["chunk_id"] for o in oracles}
         use_oracle = bool(oracles) and i not in no_oracle
         wanted = distractors + (0 if use_oracle else len(oracles) or 1)
-        hits = col.search(question, k=wanted + len(oracle_ids) + 2 + (8 if exclude else 0), mode=search_mode)
+        hits = col.search(question, k=wanted + len(oracle_ids) + 10 + (8 if exclude else 0), mode=search_mode)
+        candidates = [h for h in hits if h.chunk_id not in oracle_ids and h.doc not in exclude]
+        if oracles:  # a hit that holds the answer is no distractor (an unanswerable row has no answer to find)
+            report.distractors_with_answer += sum(holds_answer(h.text, answer) for h in candidates[:wanted])
+            candidates = [h for h in candidates if not holds_answer(h.text, answer)]
         negatives = [{"chunk_id": h.chunk_id, "doc": h.doc, "text": h.text, "section": h.metadata.get("section")}
-                     for h in hits if h.chunk_id not in oracle_ids and h.doc not in exclude][:wanted]
+                     for h in candidates][:wanted]
         sources = (oracles if use_oracle else []) + negatives
         rng.shuffle(sources)
         if use_oracle:
