@@ -12,6 +12,10 @@
   sentence RAFT abstention rows use). Thumbs-up answers become rows too with ``thumbs_up=True``.
   Arena votes with a winner, and every correction (corrected vs original answer), become preference
   pairs ``{prompt, chosen, rejected}`` (``<out>.pairs.jsonl``) for ``task: dpo``.
+- ``sources="whole"`` (the default) writes each source as the whole chunk that holds it, the layout
+  ``rag+ft`` reads by default (``ragft_evidence_sentences=0``): an answer that saw one evidence sentence
+  (the ``rag`` defaults) is trained with that sentence's chunk, so the candidate learns the layout it
+  will be served with. ``sources="as_seen"`` keeps the exact extracts the answer saw.
 - Rows are deduplicated on their prompt (system, context, question): the newest feedback wins, and
   the row lists every feedback id it stands for (``feedback``). Rows are sorted by feedback id and
   written with sorted keys and no timestamps: the same feedback gives the same file, byte for byte
@@ -129,6 +133,29 @@ def _changed(workspace: Any, collection: str | None, sources: list[dict[str, Any
     return changed
 
 
+SOURCE_LAYOUTS = ("whole", "as_seen")
+
+
+def whole_chunks(workspace: Any, collection: str | None, sources: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each source widened to the chunk of its document that holds its span (an evidence sentence becomes its
+    chunk; a whole chunk stays as it is); numbering, document and metadata kept. A source whose chunk cannot
+    be found (the collection or document is gone) stays as it was seen."""
+    col = _collection(workspace, collection)
+    if col is None:
+        return sources
+    out, chunks = [], {}
+    for s in sources:
+        doc = s.get("doc")
+        if doc not in chunks:
+            try:
+                chunks[doc] = col.chunks(doc)
+            except Exception:  # noqa: BLE001 - a document that is gone: the source stays as seen
+                chunks[doc] = []
+        holder = next((c for c in chunks[doc] if c.start <= s.get("start", -1) and s.get("end", -1) <= c.end), None)
+        out.append({**s, "text": holder.text, "start": holder.start, "end": holder.end} if holder is not None else s)
+    return out
+
+
 def _prompt(mode: str, question: str, sources: list[dict[str, Any]]) -> dict[str, Any]:
     """system / context / question exactly as serving renders them for ``mode``."""
     if mode in ("rag", "rag+ft"):
@@ -153,8 +180,14 @@ def _key(prompt: dict[str, Any]) -> str:
 
 
 def build_rows(store: Any, ab_store: Any, workspace: Any, collection: str, *, thumbs_up: bool = False,
-               include_changed: bool = False, refusal: str = REFUSAL) -> tuple[list[dict], list[dict], ExportReport]:
-    """(SFT rows, preference pairs, report) from the feedback on ``collection``."""
+               include_changed: bool = False, refusal: str = REFUSAL,
+               sources: str = "whole") -> tuple[list[dict], list[dict], ExportReport]:
+    """(SFT rows, preference pairs, report) from the feedback on ``collection``; ``sources``: see the module."""
+    if sources not in SOURCE_LAYOUTS:
+        raise FeedbackError(f"sources={sources!r}: use 'whole' (the chunks, as rag+ft reads them) or 'as_seen'")
+
+    def shown(row: dict[str, Any]) -> list[dict[str, Any]]:
+        return whole_chunks(workspace, row.get("collection"), row["sources"]) if sources == "whole" else row["sources"]
     report = ExportReport(out="", pairs_out="")
     rows: dict[str, dict[str, Any]] = {}
     pairs: dict[str, dict[str, Any]] = {}
@@ -204,7 +237,7 @@ def build_rows(store: Any, ab_store: Any, workspace: Any, collection: str, *, th
         changed = _changed(workspace, c["collection"], c["sources"], c["doc_hashes"])
         if flag("correction", c["id"], c["question"], changed):
             continue
-        prompt = _prompt(c["mode"], c["question"], c["sources"])
+        prompt = _prompt(c["mode"], c["question"], shown(c))
         target = _target(c, refusal)
         meta = {"mode": c["mode"], "adapter": c["adapter"], "collection": c["collection"],
                 "collection_version": c["collection_version"]}
@@ -216,7 +249,7 @@ def build_rows(store: Any, ab_store: Any, workspace: Any, collection: str, *, th
             changed = _changed(workspace, a["collection"], a["sources"], {})
             if flag("thumbs_up", a["feedback_id"], a["question"], changed):
                 continue
-            prompt = _prompt(a["mode"], a["question"], a["sources"])
+            prompt = _prompt(a["mode"], a["question"], shown(a))
             put_row(prompt, a["content"], f"thumbs_up:{a['feedback_id']}", "thumbs_up",
                     {"mode": a["mode"], "adapter": a["adapter"], "collection": a["collection"],
                      "collection_version": a["collection_version"]}, changed)
@@ -259,7 +292,7 @@ def pairs_path(out: str | Path) -> Path:
 
 def export_feedback(home: str | Path | None, collection: str, out: str | Path, *, thumbs_up: bool = False,
                     include_changed: bool = False, pairs_out: str | Path | None = None,
-                    refusal: str = REFUSAL) -> ExportReport:
+                    refusal: str = REFUSAL, sources: str = "whole") -> ExportReport:
     """Write the SFT rows to ``out`` and the preference pairs to ``pairs_out`` (default ``<out>.pairs.jsonl``)."""
     from rag.collection import Workspace
     from serving.ab.runs import ABStore
@@ -269,7 +302,7 @@ def export_feedback(home: str | Path | None, collection: str, out: str | Path, *
     workspace.get(collection)  # a missing collection says so (CollectionError) before anything is written
     store, ab_store = ChatStore(workspace.db_path), ABStore(workspace.db_path)
     rows, pairs, report = build_rows(store, ab_store, workspace, collection, thumbs_up=thumbs_up,
-                                     include_changed=include_changed, refusal=refusal)
+                                     include_changed=include_changed, refusal=refusal, sources=sources)
     out = Path(out)
     if out.is_dir():
         raise FeedbackError(f"--out {out} is a folder; give a file name such as {out / 'feedback.jsonl'}")

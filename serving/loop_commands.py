@@ -58,6 +58,9 @@ def export_cmd(
     thumbs_up: bool = typer.Option(False, "--thumbs-up", help="also keep thumbs-up answers as positive rows"),
     include_changed: bool = typer.Option(False, "--include-changed",
                                          help="also use feedback whose documents changed since (flagged in the rows)"),
+    sources: str = typer.Option("whole", "--sources",
+                                help="whole: each source as its whole chunk (the layout rag+ft reads by default); "
+                                     "as_seen: the exact extracts the answer saw"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
     home: Optional[str] = _HOME,
 ) -> None:
@@ -70,7 +73,8 @@ def export_cmd(
     from serving.feedback import export_feedback
 
     check_name(collection, "collection name")
-    report = export_feedback(home, collection, out, thumbs_up=thumbs_up, include_changed=include_changed, pairs_out=pairs_out)
+    report = export_feedback(home, collection, out, thumbs_up=thumbs_up, include_changed=include_changed, pairs_out=pairs_out,
+                             sources=sources)
     if as_json:
         _emit(report.to_dict())
         return

@@ -161,6 +161,40 @@ def test_corrections_export_in_the_served_layout_with_flags(loop_home, loop_assi
     Workspace(loop_home).index("loop", [docs], sync=True)
 
 
+def test_export_trains_a_sentence_answer_in_the_whole_chunk_layout_rag_ft_reads(tuning_home, loop_assistant, tmp_path):
+    """An answer that saw one evidence sentence (the rag defaults) exports with that sentence's whole chunk
+    by default (rag+ft reads whole chunks), or with the sentence itself with sources="as_seen"."""
+    from rag.collection import Workspace
+    from serving.assistant import Assistant
+    from serving.config import ServeConfig
+    from serving.feedback import FeedbackError, export_feedback, record_correction
+    from serving.history import ChatStore
+
+    home = home_with_models(tuning_home, tmp_path / "home")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "ferry.md").write_text("# Ferry\n\nThe harbour opens at dawn. The ferry to Tullan Island leaves at 06:40 "
+                                   "every morning. Tickets are sold on board.\n", encoding="utf-8")
+    ws = Workspace(home)
+    ws.index("ferries", [docs])
+    config = ServeConfig(**{**SERVE, "evidence_sentences": 1})
+    assistant = Assistant(ws, loop_assistant.generator, config, store=ChatStore(ws.db_path))
+    answer = assistant.answer(QUESTIONS[1]["question"], mode="rag", collection="ferries")
+    seen = answer.sources[0].text
+    chunk = next(c for c in ws.get("ferries").chunks("ferry.md") if seen in c.text)
+    assert "06:40" in seen and len(seen) < len(chunk.text)  # one sentence of a longer chunk
+    record_correction(assistant.store, ws, answer.message_id, "At 06:40.", source_n=1)
+    whole = json.loads(export_feedback(home, "ferries", tmp_path / "w.jsonl") and (tmp_path / "w.jsonl").read_text())
+    as_seen = json.loads(export_feedback(home, "ferries", tmp_path / "s.jsonl", sources="as_seen")
+                         and (tmp_path / "s.jsonl").read_text())
+    flat = " ".join(chunk.text.split())
+    assert flat in whole["context"] and "Tickets are sold on board." in whole["context"]
+    assert " ".join(seen.split()) in as_seen["context"] and "Tickets are sold" not in as_seen["context"]
+    assert whole["answer"] == as_seen["answer"] == "At 06:40. [1]" and whole["question"] == as_seen["question"]
+    with pytest.raises(FeedbackError, match="sources="):
+        export_feedback(home, "ferries", tmp_path / "x.jsonl", sources="chunks")
+
+
 def test_dpo_two_steps_registers_an_adapter(loop_home, tmp_path):
     from tuning.adapters import list_adapters
     from tuning.run import tune
