@@ -151,12 +151,16 @@ else:
     gate_limit = g1.number_input("Only the first N questions (0 = all)", min_value=0, value=0, key="fb_limit")
     if g2.button("Run the gate", key="fb_gate", disabled=not gate_candidate):
         bar = st.progress(0.0, text="gate: starting")
+        started = time.time()
+
+        def gate_progress(done: int, total: int, message: str) -> None:
+            bar.progress(done / max(total, 1), text=f"gate: {webapp.eta_text(done, max(total, 1), started)} · {message}")
         try:
             state.fb_decision = webapp.run_gate(home, gate_candidate, fb_collection, gate_questions.strip(), int(gate_limit),
-                                                progress=lambda d, t, m: bar.progress(d / max(t, 1), text=f"gate: {d}/{t} {m}"))
+                                                progress=gate_progress)
         except ERRORS as exc:
             st.error(str(exc))
-        bar.empty()
+        # the bar stays, full, with the time the gate took (as on the A/B and Collections pages)
     decision = state.get("fb_decision")
     if decision and decision["collection"] == fb_collection:
         (st.success if decision["promote"] else st.warning)(decision["summary"].splitlines()[0])

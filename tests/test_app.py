@@ -159,16 +159,34 @@ def test_tuning_page_lists_adapters_and_refuses_data_outside_roots(app_env):
     # a valid start: the run panel follows the new run (its Stop button shows), and Stop ends it
     from serving.history import ChatStore
 
+    store = ChatStore(app_env / "ragtune.db")
+
+    def start_and_stop() -> dict:
+        [b for b in at.button if b.label == "Start training"][0].click().run()
+        assert not at.exception and at.success and "started run" in at.success[0].value, [e.value for e in at.error]
+        newest = store.runs(1)[0]
+        assert at.selectbox(key="run_pick").value == newest["id"]  # followed, though another run was picked
+        stop = [b for b in at.button if b.label == "Stop run" and b.key == f"stop_{newest['id']}"]
+        assert stop
+        stop[0].click().run()
+        assert store.run(newest["id"])["status"] == "stopped"
+        return newest
+
     at.text_input(key="tune_data").set_value(str(REPO / "corpora/corvida/qa/train.jsonl"))
-    [b for b in at.button if b.label == "Start training"][0].click().run()
-    assert not at.exception and at.success and "started run" in at.success[0].value, [e.value for e in at.error]
-    newest = ChatStore(app_env / "ragtune.db").runs(1)[0]
-    assert at.selectbox(key="run_pick").value == newest["id"]
-    stop = [b for b in at.button if b.label == "Stop run"]
-    assert stop
-    stop[0].click().run()
-    assert ChatStore(app_env / "ragtune.db").run(newest["id"])["status"] == "stopped"
-    assert Path(newest["config_path"]).parent.parent == app_env / "runs" / "corvida-demo"
+    try:
+        first = start_and_stop()
+        second = start_and_stop()  # the picker held the first run; it moves to the second
+        assert Path(second["config_path"]).parent.parent == app_env / "runs" / "corvida-demo"
+        at.selectbox(key="run_pick").set_value(first["id"]).run()  # pick the older run by hand...
+        assert at.selectbox(key="run_pick").value == first["id"]
+        third = start_and_stop()  # ...and a new start still brings the picker to the new run
+        assert first["id"] < second["id"] < third["id"]
+    finally:  # a failed assertion must not leave a training process behind
+        from serving.tune_jobs import job_registry
+
+        for run in store.runs():
+            if run["status"] == "running":
+                job_registry().stop(run["id"], store)
 
 
 def _wait(store, run_id: int, jobs, timeout: float = 400) -> dict:
@@ -262,6 +280,29 @@ def test_view_helpers(tmp_path):
     assert format_duration(4000) == "1h06m" and format_duration(None) == "?"
 
 
+def test_ab_answers_keeps_only_the_questions_where_the_arms_disagree(tmp_path):
+    """Stored results of a real A/B store: q1 both right, q2 base wrong and rag right, q3 both wrong, q4 unscored."""
+    from rag.collection import Workspace
+    from serving.ab.runs import ABStore
+    from serving.webapp import ab_answers
+
+    home = tmp_path / "home"
+    store = ABStore(Workspace(home).db_path)
+    run_id = store.open_run("disagree", {})
+    outcomes = {"q1": (1.0, 1.0), "q2": (0.0, 1.0), "q3": (0.0, 0.0), "q4": (None, None)}
+    for qid, pair in outcomes.items():
+        for arm, correct in zip(("base", "rag"), pair):
+            scores = {} if correct is None else {"correct": correct}
+            store.put(run_id, qid, arm, f"{qid}-{arm}", {"text": f"{arm} says {qid}"},
+                      {"question": f"question {qid}", "answer": "ref", "scores": scores})
+    store.finish_run(run_id)
+    every = ab_answers(home, "disagree")
+    assert [r["id"] for r in every] == ["q1", "q2", "q3", "q4"]
+    assert [r["arms disagree"] for r in every] == [False, True, False, False]
+    only = ab_answers(home, "disagree", only_disagreements=True)
+    assert [(r["id"], r["base correct"], r["rag correct"], r["rag"]) for r in only] == [("q2", "no", "yes", "rag says q2")]
+
+
 def test_ab_page_names_a_run_shows_answers_and_an_honest_leaderboard(app_env):
     from serving.ab.runs import ABStore
 
@@ -278,8 +319,16 @@ def test_ab_page_names_a_run_shows_answers_and_an_honest_leaderboard(app_env):
     assert at.selectbox(key="ab_report_pick").value == "my-run"
     answers = [d for d in at.dataframe if "question" in list(d.value.columns)]
     assert answers and len(answers[0].value) == 2 and {"base", "rag"} <= set(answers[0].value.columns)
+    assert any(c.value == "2 question(s)" for c in at.caption)
+    table = answers[0].value
+    disagree = sorted(table.loc[table["arms disagree"], "id"])
+    assert all((table["base correct"] != table["rag correct"]) == table["arms disagree"])
     at.toggle(key="ab_only_disagree").set_value(True).run()
     assert not at.exception
+    # the toggle keeps exactly the questions where one arm is correct and the other is not
+    assert any(c.value == f"{len(disagree)} question(s)" for c in at.caption), [c.value for c in at.caption]
+    shown = [d for d in at.dataframe if "question" in list(d.value.columns)]
+    assert sorted(shown[0].value["id"]) == disagree if shown else disagree == []
     # the arena: one vote reveals the arms and the leaderboard claims nothing
     assert at.selectbox(key="arena_collection").value == "corvida"
     at.text_input(key="arena_question").set_value("When is the Vexa-7 gasket replaced?")

@@ -8,6 +8,7 @@ asserted elsewhere), with a three-document collection whose facts a 135M model a
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -369,6 +370,9 @@ def test_app_correction_promoted_default_and_feedback_panel(loop_home, loop_assi
     at.text_input(key="fb_questions").input(str(questions))
     at.button(key="fb_gate").click().run()
     assert not at.exception
+    # the gate's bar shows progress with the elapsed time and an ETA, like every other long wait in the app
+    gate_bars = [p.text for p in at.progress if p.text.startswith("gate:")]
+    assert gate_bars and re.match(r"gate: (\d+)/\1 · \S+ elapsed · ETA \S+ · ", gate_bars[0]), gate_bars
     assert any("REFUSED" in c.value for c in at.code)  # a wrecked candidate never passes the gate
     assert "Promote anyway (recorded as forced)" in [b.label for b in at.button]
     at.button(key="fb_rollback").click().run()
