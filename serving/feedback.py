@@ -188,6 +188,7 @@ def build_rows(store: Any, ab_store: Any, workspace: Any, collection: str, *, th
 
     def shown(row: dict[str, Any]) -> list[dict[str, Any]]:
         return whole_chunks(workspace, row.get("collection"), row["sources"]) if sources == "whole" else row["sources"]
+
     report = ExportReport(out="", pairs_out="")
     rows: dict[str, dict[str, Any]] = {}
     pairs: dict[str, dict[str, Any]] = {}

@@ -19,7 +19,7 @@ For each question with its source document (``doc`` and the supporting ``span`` 
   model to answer from memory even when the sources do not hold the answer (issue 11);
 - a distractor never holds the answer: a hit whose text contains the answer (as whole words, case and
   spacing ignored) is dropped, so the same fact repeated in another document cannot turn an abstention
-  row into "refuse although the sources say it" (39% of the demo's abstention rows did before);
+  row into "refuse although the sources say it" (28 of the demo's 79 abstention rows did before);
 - train and test are split by source document (``test_share``), so no test document is seen in training.
 
 Output rows are ``{"question", "context", "answer", ...}``: the ``qa`` record shape ``ragtune tune`` reads.
