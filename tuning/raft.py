@@ -175,8 +175,9 @@ def build_raft(col, questions: list[dict], distractors: int = 3, no_oracle_share
         hits = col.search(question, k=wanted + len(oracle_ids) + 10 + (8 if exclude else 0), mode=search_mode)
         candidates = [h for h in hits if h.chunk_id not in oracle_ids and h.doc not in exclude]
         if oracles:  # a hit that holds the answer is no distractor (an unanswerable row has no answer to find)
-            report.distractors_with_answer += sum(holds_answer(h.text, answer) for h in candidates[:wanted])
-            candidates = [h for h in candidates if not holds_answer(h.text, answer)]
+            holding = [holds_answer(h.text, answer) for h in candidates]
+            report.distractors_with_answer += sum(holding[:wanted])
+            candidates = [h for h, held in zip(candidates, holding) if not held]
         negatives = [{"chunk_id": h.chunk_id, "doc": h.doc, "text": h.text, "section": h.metadata.get("section")}
                      for h in candidates][:wanted]
         sources = (oracles if use_oracle else []) + negatives
