@@ -122,7 +122,7 @@ with arena_tab:
                         pieces = pending[side]
                         if isinstance(pieces, Exception):
                             raise pieces
-                        st.write_stream(webapp.escape_markdown(p) for p in pieces)
+                        st.write_stream(webapp.escape_markdown(p) for p in webapp.coalesce(pieces))
                         current.answers[side] = pieces.answer.text
                     except ERRORS as exc:
                         st.error(str(exc))

@@ -157,7 +157,7 @@ if question:
             waiting = webapp.queue_note(assistant)
             if waiting:
                 st.caption(waiting)
-            st.write_stream(webapp.escape_markdown(piece) for piece in stream)
+            st.write_stream(webapp.escape_markdown(piece) for piece in webapp.coalesce(stream))
             answer = webapp.answer_view(stream.answer)
             state.chat_id = stream.answer.chat_id
             state.messages.append({"role": "user", "content": question})

@@ -593,6 +593,22 @@ def escape_markdown(text: str) -> str:
     return _MD_SPECIAL.sub(r"\\\1", text).replace("\n", "  \n")
 
 
+def coalesce(pieces: Iterable[str], interval_s: float = 0.25) -> Iterable[str]:
+    """The stream's text in fewer, larger pieces: the first at once (the first token shows when it comes),
+    then at most one every ``interval_s``. Each piece ``st.write_stream`` receives re-sends the answer so
+    far and makes the browser re-render it; per token, that work competed with decoding for the CPU."""
+    held: list[str] = []
+    last = None
+    for piece in pieces:
+        held.append(piece)
+        now = time.perf_counter()
+        if last is None or now - last >= interval_s:
+            yield "".join(held)
+            held, last = [], now
+    if held:
+        yield "".join(held)
+
+
 def highlighted_span(document: str, start: int, end: int, context: int = 240) -> str:
     """Markdown: the span ``start:end`` of ``document`` highlighted, with ``context`` characters around."""
     a, b = max(0, start - context), min(len(document), end + context)

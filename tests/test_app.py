@@ -265,6 +265,12 @@ def test_view_helpers(tmp_path):
     assert sources_label({"sources": [source], "refused": True}).startswith("Closest matches (1)")
     assert sources_label({"sources": [source, {**source, "cited": True}]}) == "Sources: 1 cited of 2"
     assert sources_label({"sources": []}) is None
+    from serving.webapp import coalesce
+
+    # the chat's stream reaches the page in fewer pieces: the first at once, the rest joined, nothing lost
+    assert list(coalesce(iter(["The", " gasket", " is", " replaced"]), interval_s=60)) == ["The", " gasket is replaced"]
+    assert list(coalesce(iter(["a", "b", "c"]), interval_s=0)) == ["a", "b", "c"]
+    assert list(coalesce(iter([]))) == []
     from serving.webapp import timings_caption
 
     assert timings_caption({"queued_s": 2.04, "ttft_s": 2.5}).startswith("waited 2.0 s for a free slot · first token 2.50 s")
@@ -345,3 +351,63 @@ def test_ab_page_names_a_run_shows_answers_and_an_honest_leaderboard(app_env):
     assert any("votes, Bradley-Terry" in h.value for h in at.subheader)
     captions = " ".join(c.value for c in at.caption)
     assert "Too few votes" in captions and "separated:" not in captions
+
+
+def test_engine_loads_in_the_background_with_progress_and_an_estimate(tune_home, monkeypatch):
+    """The model loads in a thread while pages render: its status reports the phase and, from the second
+    start on, the previous load's duration as the estimate; a failed load shows its error on the page."""
+    from serving import webapp
+
+    config_json = webapp.serve_config_json()
+    first = webapp.Engine(str(tune_home), config_json)
+    status = first.status()
+    assert not status["ready"] and status["error"] is None
+    assert status["phase"] in ("starting", "loading the model", "warming up (embedding models, first token)")
+    assert status["expected_s"] is None and status["fraction"] is None  # no earlier load to estimate from
+    assert first.wait(300) is not None and first.status()["phase"] == "ready" and first.loaded_in > 0
+    second = webapp.Engine(str(tune_home), config_json)
+    try:
+        assert second.expected_s == pytest.approx(first.loaded_in, abs=0.05)  # stored to 0.1 s
+        fraction = second.status()["fraction"]
+        assert fraction is not None and 0.0 <= fraction <= 0.95
+    finally:
+        second.wait(300)
+    # a model that cannot load: the chat page says so, with the error, instead of waiting forever
+    bad = tune_home / "bad-serve.yaml"
+    bad.write_text("base_model: /nonexistent/model-folder\n", encoding="utf-8")
+    monkeypatch.setenv("RAGTUNE_HOME", str(tune_home))
+    monkeypatch.setenv("RAGTUNE_SERVE_CONFIG", str(bad))
+    at = _app().run()
+    assert not at.exception and not at.chat_input
+    assert at.error and "could not be loaded" in at.error[0].value and "nonexistent" in at.error[0].value, \
+        [e.value for e in at.error]
+
+
+def test_chat_hints_what_a_mode_needs_next_to_the_question_box(tune_home, tmp_path, monkeypatch):
+    """No adapter and no collection: the hints sit below the conversation, right above the question box
+    (they used to scroll out of view), and asking anyway keeps the question and its error across reruns."""
+    config = tmp_path / "serve.yaml"
+    config.write_text("max_new_tokens: 4\n", encoding="utf-8")
+    monkeypatch.setenv("RAGTUNE_HOME", str(tune_home))
+    monkeypatch.setenv("RAGTUNE_SERVE_CONFIG", str(config))
+    at = _app().run()
+    at.radio(key="mode").set_value("base").run()
+    at.chat_input[0].set_value("Name a colour.").run()
+    assert not at.exception and not at.info  # base needs neither
+    at.radio(key="mode").set_value("rag+ft").run()
+    hints = [i.value for i in at.info]
+    assert any("needs a fine-tuned adapter" in h and "ragtune tune" in h for h in hints), hints
+    assert any("No collection yet" in h for h in hints), hints
+
+    def order(node, out):  # element types in page order, depth first
+        for child in getattr(node, "children", {}).values():
+            out.append(getattr(child, "type", ""))
+            order(child, out)
+        return out
+
+    kinds = order(at.main, [])
+    assert kinds.index("info") > max(i for i, kind in enumerate(kinds) if kind == "chat_message"), kinds
+    at.chat_input[0].set_value("When is the Vexa-7 gasket replaced?").run()
+    assert not at.exception and at.error
+    at.run()
+    assert at.error and any("gasket" in m.markdown[0].value for m in at.chat_message if m.name == "user" and m.markdown)

@@ -6,8 +6,9 @@ One flow: the first RAG answer (timed from the server's health check), an image 
 must not be fetched (a local HTTP server counts requests), a correction of that answer saved from the chat
 (stored with the question and the sources it saw), then create a collection by uploading a file, ask it, and see the cited
 span. The chat's tokens/s and `ragtune ask`'s on the same question in the same run
-are recorded with their ratio in test-artifacts/browser.json; they are figures, not assertions (speed goals
-are met in bench/, never in timed tests: on an idle machine the ratio was 0.55, under load 0.97-1.06)."""
+are recorded with their ratio in test-artifacts/browser.json. Speed goals are met in bench/, never in timed
+tests: the ratio is only guarded at 0.5, against a return of the ~50x slowdown the issue was filed for
+(idle, with the chat's stream coalesced, it was 0.83-1.10 over two runs; per-token updates gave 0.75-0.77)."""
 
 from __future__ import annotations
 
@@ -176,6 +177,8 @@ def test_demo_flow_in_a_real_browser(app_server, trap_server, tmp_path):
             expect(page.get_by_text("orla-service.md").first).to_be_visible(timeout=30_000)
             page.get_by_role("button", name="Upload and index").click()
             expect(page.get_by_text("orla-notes: 1 added", exact=False)).to_be_visible(timeout=120_000)
+            # the field keeps the collection typed, so a second upload goes to the same one (not back to corvida)
+            expect(page.get_by_label("Collection (new or existing)").first).to_have_value("orla-notes")
             # 4. ask the new collection and see the cited span highlighted
             page.goto(url)
             expect(page.get_by_test_id("stChatInputTextArea")).to_be_visible(timeout=60_000)
@@ -205,3 +208,6 @@ def test_demo_flow_in_a_real_browser(app_server, trap_server, tmp_path):
     figures["ui_vs_cli_tokens_per_s"] = round(figures["ui_tokens_per_s"] / figures["cli_tokens_per_s"], 3)
     (ARTIFACTS / "browser.json").write_text(json.dumps(figures, indent=2), encoding="utf-8")
     print(json.dumps(figures))
+    # a guard, not the goal (>= 0.75, checked in the README's runs): the slowdown the issue was filed for was
+    # ~50x (a file watcher on the checkout); single answers vary +-25% between runs on an idle 2-core machine
+    assert figures["ui_vs_cli_tokens_per_s"] >= 0.5, figures
