@@ -7,7 +7,7 @@ retrained on their corrections, and the promotion gate decides on held-out quest
 The loop, timed end to end (``loop_wall_s``, setup excluded):
 
 1. the *current* assistant (``--current`` adapter in rag+ft, or the base model in rag when none is
-   given) answers the demo **train** questions, logged like chat answers;
+   given) answers the demo **train** questions, four users asking at once, logged like chat answers;
 2. simulated users: a wrong answer (the A/B runner's ``correct`` = 0) gets a correction with the
    question's reference answer and the number of the source from its document when that source was
    shown ("not in the sources" for unanswerable rows); a right answer gets a thumbs-up;
@@ -31,6 +31,7 @@ import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,6 +41,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 QA = REPO / "corpora" / "corvida" / "qa"
 DOCS = REPO / "corpora" / "corvida" / "docs"
 COLLECTION = "corvida"
+USERS = 4  # simulated users asking at once
 
 
 def line(metric: str, value, unit: str, goal: str | None = None, baseline=None, ragtune=None, **extra) -> dict:
@@ -78,26 +80,32 @@ def simulate_users(assistant, questions: list[dict], current: str | None) -> dic
     chat = store.new_chat("loop bench: simulated users")
     counts = {"answered": 0, "corrected": 0, "with_source": 0, "not_in_sources": 0, "thumbs_up": 0}
     started = time.perf_counter()
-    for i, row in enumerate(questions, 1):
-        answer = assistant.answer(row["question"], mode=mode, collection=COLLECTION, adapter=current, chat_id=chat,
-                                  max_new_tokens=64)
-        counts["answered"] += 1
-        right = metrics.score_answer(answer_for_scoring(answer.text), row)["correct"] >= 1.0
-        if right:
-            store.set_feedback(answer.message_id, 1)
-            counts["thumbs_up"] += 1
-        elif row.get("kind") == "unanswerable" or not row.get("doc"):
-            record_correction(store, ws, answer.message_id, "", not_in_sources=True)
-            counts["corrected"] += 1
-            counts["not_in_sources"] += 1
-        else:
-            shown = [s.n for s in answer.sources if s.doc == row["doc"] or s.doc.endswith("/" + row["doc"])]
-            record_correction(store, ws, answer.message_id, str(row["answer"]), source_n=shown[0] if shown else None)
-            counts["corrected"] += 1
-            counts["with_source"] += bool(shown)
-        if i % 10 == 0 or i == len(questions):
-            rate = (time.perf_counter() - started) / i
-            log(f"users: {i}/{len(questions)} answered, {counts['corrected']} corrected, ETA {rate * (len(questions) - i):.0f} s")
+
+    def ask(row: dict):
+        return assistant.answer(row["question"], mode=mode, collection=COLLECTION, adapter=current, chat_id=chat,
+                                max_new_tokens=64)
+
+    # users ask at the same time (the engine decodes their answers in one batch); feedback is written in order
+    with ThreadPoolExecutor(max_workers=USERS) as pool:
+        answers = pool.map(ask, questions)
+        for i, (row, answer) in enumerate(zip(questions, answers), 1):
+            counts["answered"] += 1
+            right = metrics.score_answer(answer_for_scoring(answer.text), row)["correct"] >= 1.0
+            if right:
+                store.set_feedback(answer.message_id, 1)
+                counts["thumbs_up"] += 1
+            elif row.get("kind") == "unanswerable" or not row.get("doc"):
+                record_correction(store, ws, answer.message_id, "", not_in_sources=True)
+                counts["corrected"] += 1
+                counts["not_in_sources"] += 1
+            else:
+                shown = [s.n for s in answer.sources if s.doc == row["doc"] or s.doc.endswith("/" + row["doc"])]
+                record_correction(store, ws, answer.message_id, str(row["answer"]), source_n=shown[0] if shown else None)
+                counts["corrected"] += 1
+                counts["with_source"] += bool(shown)
+            if i % 10 == 0 or i == len(questions):
+                rate = (time.perf_counter() - started) / i
+                log(f"users: {i}/{len(questions)} answered, {counts['corrected']} corrected, ETA {rate * (len(questions) - i):.0f} s")
     return counts
 
 

@@ -638,18 +638,49 @@ def total_draws(config: TuneConfig, n_train: int, world_size: int = 1) -> int:
 
 
 def auto_threads() -> int:
-    """Cores not already busy. On a shared CPU, OpenMP threads that lose their core to another process
-    stall every parallel region at its barrier: measured here with two other jobs running, a LoRA step took
-    ~10x longer with 2 threads than with 1. On an idle machine this is every core."""
+    """Cores not already busy with other processes. On a shared CPU, OpenMP threads that lose their core to
+    another process stall every parallel region at its barrier: measured here with two other jobs running, a
+    LoRA step took ~10x longer with 2 threads than with 1. On an idle machine this is every core.
+
+    "Busy" is sampled now, over a quarter second, minus this process's own CPU time: the load average lags
+    by a minute and counts this process too, so a run started right after this process answered questions
+    (the feedback loop does) was given 1 thread of 2 on an idle machine."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:  # pragma: no cover
-        busy = 0.0
+    busy = _others_busy_cores()
+    if busy is None:
+        try:
+            busy = os.getloadavg()[0]
+        except OSError:  # pragma: no cover
+            busy = 0.0
     return max(1, min(cores, int(round(cores - busy))))
+
+
+def _others_busy_cores(window_s: float = 0.25) -> float | None:
+    """Cores other processes kept busy over ``window_s`` (from /proc/stat and /proc/self/stat; None elsewhere)."""
+
+    def sample() -> tuple[int, int, int]:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        with open("/proc/self/stat", encoding="ascii") as f:
+            own = f.read().rsplit(")", 1)[1].split()
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields[:8]), idle, int(own[11]) + int(own[12])  # utime + stime, in the same clock ticks
+
+    try:
+        total0, idle0, own0 = sample()
+        time.sleep(window_s)
+        total1, idle1, own1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    elapsed = total1 - total0
+    if elapsed <= 0:
+        return None
+    cores = os.cpu_count() or 1
+    others = (elapsed - (idle1 - idle0)) - (own1 - own0)
+    return max(0.0, others / elapsed * cores)
 
 
 def set_threads(threads: int) -> int:
