@@ -117,6 +117,9 @@ def main() -> None:
     parser.add_argument("--train-questions", type=int, default=0, help="train questions the users ask (0 = by --quick)")
     parser.add_argument("--test-questions", type=int, default=0, help="test questions for the gate (0 = by --quick)")
     parser.add_argument("--steps", type=int, default=0, help="candidate training steps (0 = by --quick)")
+    parser.add_argument("--dpo-steps", type=int, default=0,
+                        help="after the gate: DPO on the exported pairs for this many steps, starting from the candidate "
+                             "(its reference), and its win rate against the candidate on the test questions (0 = off)")
     args = parser.parse_args()
     n_train = args.train_questions or (30 if args.quick else 240)
     n_test = args.test_questions or (30 if args.quick else 0)
@@ -172,6 +175,47 @@ def main() -> None:
     rule = c["ci_low"] > 0 and not any(r.startswith("forgetting:") or "no forgetting probe" in r for r in decision.reasons)
     line("gate_follows_rule", float(rule == decision.promote), "bool", "1", decision="promote" if decision.promote else "refuse",
          forgetting=decision.forgetting)
+    if args.dpo_steps:
+        dpo_win_rate(assistant, name, report.pairs_out, str(test_file), args.dpo_steps, home)
+
+
+def dpo_win_rate(assistant, reference: str, pairs: str, test_file: str, steps: int, home: Path) -> None:
+    """A DPO adapter trained on the exported preference pairs, starting from ``reference`` (TRL keeps a frozen
+    copy of it as DPO's reference), against that reference in a blind arena on the test questions: both
+    answer in rag+ft, the answer with the higher token F1 against the reference answer wins the vote (a
+    tie is half a win). Win rate with its 95% bootstrap CI over questions."""
+    import random
+
+    from serving import promotion
+    from serving.ab.runs import ABStore
+    from tuning.run import tune
+
+    name = "loop-dpo"
+    started = time.perf_counter()
+    manifest = tune(None, ["task=dpo", f"data={pairs}", f"name={name}", f"start_adapter={reference}", f"max_steps={steps}",
+                           "batch_size=4", "learning_rate=5e-5", "max_seq_len=1024", "val_share=0", "forgetting_probe=false",
+                           "overwrite=true", "progress=false", "threads=0"],
+                    home=home, echo=lambda m: log(f"dpo: {m}"))
+    train_s = time.perf_counter() - started
+    # the paired answers: the gate's A/B runs (dry run: nothing is promoted), the reference's from the A/B cache
+    decision = promotion.gate(assistant, name, COLLECTION, test_file, against=reference, dry_run=True)
+    store = ABStore(assistant.workspace.db_path)
+
+    def f1s(run: str) -> dict:
+        return {r["question_id"]: r["row"]["scores"]["token_f1"] for r in store.results(store.run(run)["id"])
+                if r["arm"] == "rag+ft"}
+
+    dpo, ref = f1s(decision.runs["candidate"]), f1s(decision.runs["current"])
+    ids = sorted(set(dpo) & set(ref))
+    votes = [1.0 if dpo[i] > ref[i] else 0.0 if dpo[i] < ref[i] else 0.5 for i in ids]
+    rng = random.Random(0)
+    boot = sorted(sum(rng.choice(votes) for _ in votes) / len(votes) for _ in range(2000))
+    rate = sum(votes) / len(votes)
+    line("dpo_win_rate", rate, "share of arena votes won (ties half)", "> 0.5, CI above 0.5",
+         baseline=reference, ragtune=name, ci_low=round(boot[49], 4), ci_high=round(boot[1949], 4), n=len(votes),
+         wins=votes.count(1.0), ties=votes.count(0.5), losses=votes.count(0.0), steps=manifest["metrics"].get("steps"),
+         train_loss=manifest["metrics"].get("train_loss"), train_s=round(train_s, 1),
+         dpo_correct=decision.candidate_correct, reference_correct=decision.current_correct)
 
 
 if __name__ == "__main__":

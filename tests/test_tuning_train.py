@@ -101,6 +101,7 @@ def test_killed_run_resumes_to_the_same_adapter(tune_home, tiny_sft_data, tmp_pa
     assert not (tune_home / "adapters" / "killed").exists()
     resumed = subprocess.run(cmd + ["resume=true"], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "{'loss'" not in resumed.stdout, resumed.stdout[-2000:]  # transformers' raw log dicts stay off stdout
     manifest = json.loads((tune_home / "adapters" / "killed" / "ragtune.json").read_text())
     assert manifest["resumed_from"].startswith("checkpoint-") and manifest["metrics"]["steps"] == 6
 

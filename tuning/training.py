@@ -265,6 +265,15 @@ def readable_line(row: dict[str, Any]) -> str | None:
     return None
 
 
+def without_dict_printer(trainer: Any) -> Any:
+    """``trainer`` without transformers' PrinterCallback, which prints each log as a raw Python dict on
+    stdout when the progress bar is off; :class:`LogCallback` writes the readable lines."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
 class LogCallback(TrainerCallback):
     """Logs Trainer's losses with the step count, measured seconds per step, tokens/s and an ETA.
 

@@ -26,7 +26,7 @@ from tuning.data import load_records, split_records
 from tuning.errors import DataError, ModelError
 from tuning.models import load_tokenizer, pick_device, resolve_base_model, weights_hash
 from tuning.training import (JsonlLog, ListDataset, LogCallback, apply_method, check_adapter_slot, parameter_counts,
-                             prepare_run_dir, publish_folder, run_folder, write_run_info, set_threads, staging_dir, training_arguments)
+                             prepare_run_dir, publish_folder, run_folder, write_run_info, set_threads, staging_dir, training_arguments, without_dict_printer)
 
 
 def accuracy_and_macro_f1(predictions: np.ndarray, labels: np.ndarray, num_labels: int) -> dict[str, float]:
@@ -114,6 +114,7 @@ def train(config: TuneConfig, home: str | Path | None = None, echo=print) -> dic
     trainer = Trainer(model=model, args=args, train_dataset=ListDataset(train_rows),
                       eval_dataset=ListDataset(eval_rows) if has_eval else None,
                       data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics, callbacks=callbacks)
+    without_dict_printer(trainer)
     train_start = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.time() - train_start

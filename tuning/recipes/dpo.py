@@ -31,7 +31,8 @@ from tuning.config import TuneConfig, resolved_dict
 from tuning.data import ensure_chat_template, read_rows
 from tuning.errors import DataError, TuningError
 from tuning.models import load_causal_lm, load_tokenizer, resolve_base_model, weights_hash
-from tuning.training import LogCallback, apply_method, parameter_counts, publish_folder, staging_dir, start_run, write_run_info
+from tuning.training import (LogCallback, apply_method, parameter_counts, publish_folder, staging_dir, start_run,
+                             without_dict_printer, write_run_info)
 
 
 def pair_messages(row: dict) -> dict:
@@ -124,6 +125,7 @@ def train(config: TuneConfig, home: str | Path | None = None, echo=print) -> dic
         gradient_checkpointing=config.gradient_checkpointing)
     trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                          callbacks=[LogCallback(runlog)])
+    without_dict_printer(trainer)
     train_start = time.time()
     result = trainer.train()
     train_seconds = time.time() - train_start

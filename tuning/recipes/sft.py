@@ -34,7 +34,7 @@ from tuning.errors import DataError
 from tuning.mixing import MixtureSampler, Schedule
 from tuning.models import load_causal_lm, load_tokenizer, resolve_base_model, training_precision, weights_hash
 from tuning.training import (ListDataset, LogCallback, SFTTrainer, apply_method, parameter_counts, publish_folder,
-                             staging_dir, start_run, total_draws, training_arguments, write_run_info)
+                             staging_dir, start_run, total_draws, training_arguments, without_dict_printer, write_run_info)
 
 log = logging.getLogger("ragtune.tuning")
 
@@ -104,6 +104,7 @@ def train(config: TuneConfig, home: str | Path | None = None, echo=print) -> dic
     trainer = SFTTrainer(model=model, args=args, train_dataset=ListDataset(train_rows), data_collator=collator,
                          eval_dataset=ListDataset(eval_rows) if has_eval else None, sampler=sampler, eval_rows=eval_rows, eval_collator=collator, callbacks=callbacks,
                          pass_tokens=config.pass_tokens, cpu_bf16=device == "cpu" and precision == "bf16")
+    without_dict_printer(trainer)
     with attention.segments_enabled(model):  # packed examples attend one at a time, no mask (tuning.attention)
         train_start = time.time()
         result = trainer.train(resume_from_checkpoint=resume_from)
