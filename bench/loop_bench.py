@@ -3,6 +3,7 @@ retrained on their corrections, and the promotion gate decides on held-out quest
 
     python bench/loop_bench.py --quick                      # fresh workspace in a temp dir
     python bench/loop_bench.py --home .ragtune --current corvida-raft
+    python bench/loop_bench.py --quick --dpo-steps 8        # then DPO on the pairs, and its arena win rate
 
 The loop, timed end to end (``loop_wall_s``, setup excluded):
 
