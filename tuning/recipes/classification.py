@@ -26,7 +26,8 @@ from tuning.data import load_records, split_records
 from tuning.errors import DataError, ModelError
 from tuning.models import load_tokenizer, pick_device, resolve_base_model, weights_hash
 from tuning.training import (JsonlLog, ListDataset, LogCallback, apply_method, check_adapter_slot, parameter_counts,
-                             prepare_run_dir, publish_folder, run_folder, write_run_info, set_threads, staging_dir, training_arguments, without_dict_printer)
+                             prepare_run_dir, publish_folder, run_folder, write_run_info, set_threads, staging_dir, training_arguments,
+                             without_dict_printer)
 
 
 def accuracy_and_macro_f1(predictions: np.ndarray, labels: np.ndarray, num_labels: int) -> dict[str, float]:
