@@ -10,7 +10,9 @@ Metrics (names fixed by issue 4):
 - ttft_p50_s_rag: time to first token in ``rag`` mode with k=4 (retrieval + prompt + prefill), baseline =
   the same retrieval and prompt through fp32 ``model.generate``;
 - concurrent_errors, concurrent_throughput_ratio (answers/s of 8 concurrent ``ask`` calls / the same 8
-  one after another), concurrent_p95_s (value: p95 latency of the 8 concurrent / the single-request p50);
+  one after another), concurrent_p95_s (value: p95 latency of the 8 concurrent / the single-request p50),
+  concurrent_engine_seconds (where the engine thread's time went, sequential and concurrent: prefill,
+  decode forwards, token choice, batch edits, not in the engine); ``--only concurrent`` runs these alone;
 - batch_decode_tokens_per_s: aggregate decode tokens/s of 8 rows decoding together / 1 row (issue 12);
 - adapter_mix_overhead: time per decode step of 8 rows with 4 different adapters / 8 rows with one;
 - ab_run_speedup: an A/B run (all four arms) with 8 answers at once / the same run one answer at a time;
@@ -81,8 +83,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer tokens and questions (same metrics)")
     parser.add_argument("--home", type=Path, default=None, help="workspace to use (default: a temp folder; the demo corpus is indexed into it)")
-    parser.add_argument("--only", choices=("all", "http"), default="all",
-                        help="http: only the http_* figures (what the server adds), e.g. to compare two server versions")
+    parser.add_argument("--only", choices=("all", "http", "concurrent"), default="all",
+                        help="http: only the http_* figures (what the server adds), e.g. to compare two server versions; "
+                             "concurrent: only the concurrent_* figures, with where the engine's time went")
     parser.add_argument("--adapter", default=None, help="adapter for the switch and rag+ft figures (default: an untrained one made here)")
     args = parser.parse_args()
     new_tokens = 32 if args.quick else 64
@@ -117,6 +120,12 @@ def main() -> None:
     eight = [(questions[i % len(questions)], adapter if i % 2 else None) for i in range(8)]
     if args.only == "http":
         http_figures(gen, adapter, new_tokens, concurrent_tokens, eight)
+        tmp.cleanup()
+        return
+    if args.only == "concurrent":
+        assistant = Assistant(ws, gen, ServeConfig(k=4, max_new_tokens=concurrent_tokens))
+        assistant.warm_up()
+        concurrent_figures(assistant, gen, eight, concurrent_tokens)
         tmp.cleanup()
         return
     tokenizer = load_tokenizer(base)
@@ -239,41 +248,7 @@ def main() -> None:
          unit_detail="ms per decode step", baseline_is="8 rows, one adapter")
 
     # 4. eight concurrent asks (rag, and rag+ft for every other one) vs the same eight in sequence
-
-    def ask(q, a):
-        started = time.perf_counter()
-        assistant.answer(q, "rag+ft" if a else "rag", "corvida", a, max_new_tokens=concurrent_tokens, log=False)
-        return time.perf_counter() - started
-
-    started = time.perf_counter()
-    sequential = [ask(q, a) for q, a in eight]
-    sequential_s = time.perf_counter() - started
-    latencies, errors = [], []
-    lock = threading.Lock()
-
-    def worker(q, a):
-        try:
-            value = ask(q, a)
-            with lock:
-                latencies.append(value)
-        except Exception as exc:  # noqa: BLE001 - counted as an error
-            with lock:
-                errors.append(repr(exc))
-
-    started = time.perf_counter()
-    threads = [threading.Thread(target=worker, args=case) for case in eight]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    concurrent_s = time.perf_counter() - started
-    line("concurrent_errors", len(errors), "count", "== 0", errors=errors[:3])
-    single_p50 = statistics.median(sequential)
-    line("concurrent_p95_s", p(latencies, 0.95) / single_p50 if latencies else None, "x", "<= 2.5",
-         baseline=round(single_p50, 3), ragtune=round(p(latencies, 0.95), 3) if latencies else None,
-         baseline_is="p50 latency of the same questions asked one at a time")
-    line("concurrent_throughput_ratio", (len(latencies) / concurrent_s) / (len(eight) / sequential_s), "x", ">= 3.0",
-         baseline=round(len(eight) / sequential_s, 4), ragtune=round(len(latencies) / concurrent_s, 4), unit_detail="answers/s")
+    concurrent_figures(assistant, gen, eight, concurrent_tokens)
 
     # 5. an A/B run (four arms) with 8 answers at once vs one at a time. Each run must compute every answer:
     # the answer cache is keyed by the config's hash, so each gets a config with its own seed (greedy
@@ -297,6 +272,61 @@ def main() -> None:
          answers=ab_questions * 4, baseline_is="the same run with concurrency=1 (one answer at a time)")
     http_figures(gen, adapter, new_tokens, concurrent_tokens, eight)
     tmp.cleanup()
+
+
+def concurrent_figures(assistant, gen, eight: list, concurrent_tokens: int) -> None:
+    """Eight concurrent asks (rag, and rag+ft for every other one) vs the same eight in sequence, and where
+    the engine thread's time went in each (``concurrent_engine_seconds``: prefill, decode forwards, token
+    choice, batch edits, and what was left: the engine idle or waiting, while the askers retrieve and build
+    prompts)."""
+
+    def ask(q, a):
+        started = time.perf_counter()
+        assistant.answer(q, "rag+ft" if a else "rag", "corvida", a, max_new_tokens=concurrent_tokens, log=False)
+        return time.perf_counter() - started
+
+    engine = gen.engine
+    before = engine.busy_seconds()
+    started = time.perf_counter()
+    sequential = [ask(q, a) for q, a in eight]
+    sequential_s = time.perf_counter() - started
+    after_sequential = engine.busy_seconds()
+    latencies, errors = [], []
+    lock = threading.Lock()
+
+    def worker(q, a):
+        try:
+            value = ask(q, a)
+            with lock:
+                latencies.append(value)
+        except Exception as exc:  # noqa: BLE001 - counted as an error
+            with lock:
+                errors.append(repr(exc))
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=case) for case in eight]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    concurrent_s = time.perf_counter() - started
+    after_concurrent = engine.busy_seconds()
+
+    def phases(a: dict, b: dict, wall: float) -> dict:
+        spent = {k: round(b[k] - a[k], 2) for k in a}
+        spent["not_in_engine"] = round(wall - sum(v for k, v in spent.items() if k != "prefill_tokens"), 2)
+        return spent
+
+    line("concurrent_engine_seconds", concurrent_s, "s", None, baseline=phases(before, after_sequential, sequential_s),
+         ragtune=phases(after_sequential, after_concurrent, concurrent_s), sequential_s=round(sequential_s, 2),
+         note="engine-thread seconds by phase; not_in_engine = wall time the engine thread was not busy")
+    line("concurrent_errors", len(errors), "count", "== 0", errors=errors[:3])
+    single_p50 = statistics.median(sequential)
+    line("concurrent_p95_s", p(latencies, 0.95) / single_p50 if latencies else None, "x", "<= 2.5",
+         baseline=round(single_p50, 3), ragtune=round(p(latencies, 0.95), 3) if latencies else None,
+         baseline_is="p50 latency of the same questions asked one at a time")
+    line("concurrent_throughput_ratio", (len(latencies) / concurrent_s) / (len(eight) / sequential_s), "x", ">= 3.0",
+         baseline=round(len(eight) / sequential_s, 4), ragtune=round(len(latencies) / concurrent_s, 4), unit_detail="answers/s")
 
 
 def http_figures(gen, adapter: str, new_tokens: int, concurrent_tokens: int, eight: list) -> None:

@@ -158,3 +158,18 @@ def test_sixteen_streaming_clients_get_their_own_answers(serving_generator):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_engine_accounts_where_its_time_goes(serving_generator):
+    """busy_seconds: prefill, decode forwards, token choice and batch edits grow with a request; the prompt
+    tokens counted are at most the rendered prompt (a reused system-prompt prefix is not run again)."""
+    gen = serving_generator
+    messages, adapter = CASES[0]
+    before = gen.engine.busy_seconds()
+    stream = gen.stream(messages, adapter, params(max_new_tokens=6))
+    stream.text()
+    after = gen.engine.busy_seconds()
+    spent = {k: after[k] - before[k] for k in after}
+    assert 0 < spent["prefill_tokens"] <= len(gen.render(messages)), spent
+    assert spent["prefill"] > 0 and spent["choose"] > 0 and spent["batch_edit"] > 0, spent
+    assert stream.completion_tokens < 2 or spent["decode_forward"] > 0, spent

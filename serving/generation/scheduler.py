@@ -149,6 +149,9 @@ class BatchScheduler:
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.max_batch_seen = 0
+        # engine-thread seconds by phase (read with busy_seconds): where a busy engine's time goes
+        self._busy = {"prefill": 0.0, "decode_forward": 0.0, "choose": 0.0, "batch_edit": 0.0}
+        self.prefill_tokens = 0
 
     # --- submitting -------------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
@@ -163,6 +166,14 @@ class BatchScheduler:
                 self._thread = threading.Thread(target=self._loop, name="ragtune-engine", daemon=True)
                 self._thread.start()
             self._cond.notify_all()
+
+    def busy_seconds(self) -> dict[str, float]:
+        """Seconds the engine thread spent so far in prompt prefill, batched decode forwards, per-row token
+        choice and emission (logits processing: repetition penalty, context-aware mix, grounded constraint;
+        then detokenising and stop strings) and batch edits (rows joining and leaving the KV cache);
+        ``prefill_tokens`` counts the prompt tokens run."""
+        with self._cond:
+            return {**self._busy, "prefill_tokens": float(self.prefill_tokens)}
 
     def stats(self) -> dict[str, int]:
         with self._cond:
@@ -203,7 +214,10 @@ class BatchScheduler:
         with torch.inference_mode():
             if self._prefilling:
                 request = self._prefilling[0]
-                if self._prefill_slice(request):
+                started = time.perf_counter()
+                done = self._prefill_slice(request)
+                self._spent("prefill", started)
+                if done:
                     with self._cond:
                         self._prefilling.pop(0)
                     self._start(request)
@@ -212,6 +226,12 @@ class BatchScheduler:
         self.steps += 1
         in_use = {s.key for r in self._waiting + self._prefilling + self._running for s in r.sequences}
         self._retire(in_use)
+
+    def _spent(self, phase: str, started: float) -> float:
+        now = time.perf_counter()
+        with self._cond:
+            self._busy[phase] += now - started
+        return now
 
     def _prefill_slice(self, request: Request) -> bool:
         """One forward pass of at most PREFILL_SLICE prompt tokens; True when every row is prefilled."""
@@ -232,6 +252,7 @@ class BatchScheduler:
             if seq.prefix_len and seq.done < seq.prefix_len:
                 end = seq.prefix_len  # the prefix is its own slice, so its cache can be kept as is
             ids = torch.tensor([seq.ids[seq.done:end]], dtype=torch.long, device=self._device)
+            self.prefill_tokens += end - seq.done
             seq.logits = self._forward(ids, seq.cache, [seq.key])[0]
             seq.done = end
             if seq.prefix_len and end == seq.prefix_len:
@@ -245,13 +266,16 @@ class BatchScheduler:
     def _start(self, request: Request) -> None:
         """The first token from the prefill logits; then the request's rows join the batch."""
         contrast = request.contrast.logits if request.contrast is not None else None
+        started = time.perf_counter()
         request.sampler = Sampler(request.params)
         token = request.sampler.choose(request.main.logits, contrast, request.generated)
+        started = self._spent("choose", started)
         if self._emit(request, token):
             return
         for seq in request.sequences:
             self._merge(request, seq)
             seq.cache, seq.logits = None, None
+        self._spent("batch_edit", started)
         with self._cond:
             self._running.append(request)
         self.max_batch_seen = max(self.max_batch_seen, len(self._rows))
@@ -288,7 +312,9 @@ class BatchScheduler:
         tokens = torch.tensor([[r.next_token] for r, _ in rows], dtype=torch.long, device=self._device)
         mask = torch.cat([self._mask, torch.ones((len(rows), 1), dtype=torch.long, device=self._device)], dim=1)
         positions = torch.tensor([[n] for n in self._lengths], dtype=torch.long, device=self._device)
+        started = time.perf_counter()
         logits = self._forward(tokens, self._cache, [s.key for _, s in rows], mask, positions)
+        started = self._spent("decode_forward", started)
         self._mask = mask
         self._lengths = [n + 1 for n in self._lengths]
         main, contrast = {}, {}
@@ -303,8 +329,10 @@ class BatchScheduler:
             token = request.sampler.choose(main[id(request)], contrast.get(id(request)), request.generated)
             if self._emit(request, token):
                 finished.append(request)
+        started = self._spent("choose", started)
         if finished:
             self._remove(finished)
+            self._spent("batch_edit", started)
 
     def _remove(self, requests: list[Request]) -> None:
         import torch
