@@ -185,10 +185,9 @@ def dpo_win_rate(assistant, reference: str, pairs: str, test_file: str, steps: i
     copy of it as DPO's reference), against that reference in a blind arena on the test questions: both
     answer in rag+ft, the answer with the higher token F1 against the reference answer wins the vote (a
     tie is half a win). Win rate with its 95% bootstrap CI over questions."""
-    import random
-
     from serving import promotion
     from serving.ab.runs import ABStore
+    from serving.ab.stats import bootstrap_mean_ci
     from tuning.run import tune
 
     name = "loop-dpo"
@@ -209,11 +208,9 @@ def dpo_win_rate(assistant, reference: str, pairs: str, test_file: str, steps: i
     dpo, ref = f1s(decision.runs["candidate"]), f1s(decision.runs["current"])
     ids = sorted(set(dpo) & set(ref))
     votes = [1.0 if dpo[i] > ref[i] else 0.0 if dpo[i] < ref[i] else 0.5 for i in ids]
-    rng = random.Random(0)
-    boot = sorted(sum(rng.choice(votes) for _ in votes) / len(votes) for _ in range(2000))
-    rate = sum(votes) / len(votes)
+    rate, low, high = bootstrap_mean_ci(votes)
     line("dpo_win_rate", rate, "share of arena votes won (ties half)", "> 0.5, CI above 0.5",
-         baseline=reference, ragtune=name, ci_low=round(boot[49], 4), ci_high=round(boot[1949], 4), n=len(votes),
+         baseline=reference, ragtune=name, ci_low=round(low, 4), ci_high=round(high, 4), n=len(votes),
          wins=votes.count(1.0), ties=votes.count(0.5), losses=votes.count(0.0), steps=manifest["metrics"].get("steps"),
          train_loss=manifest["metrics"].get("train_loss"), train_s=round(train_s, 1),
          dpo_correct=decision.candidate_correct, reference_correct=decision.current_correct)

@@ -172,8 +172,7 @@ class BatchScheduler:
         choice and emission (logits processing: repetition penalty, context-aware mix, grounded constraint;
         then detokenising and stop strings) and batch edits (rows joining and leaving the KV cache);
         ``prefill_tokens`` counts the prompt tokens run."""
-        with self._cond:
-            return {**self._busy, "prefill_tokens": float(self.prefill_tokens)}
+        return {**self._busy, "prefill_tokens": float(self.prefill_tokens)}  # written by the engine thread alone
 
     def stats(self) -> dict[str, int]:
         with self._cond:
@@ -229,8 +228,7 @@ class BatchScheduler:
 
     def _spent(self, phase: str, started: float) -> float:
         now = time.perf_counter()
-        with self._cond:
-            self._busy[phase] += now - started
+        self._busy[phase] += now - started
         return now
 
     def _prefill_slice(self, request: Request) -> bool:
@@ -269,8 +267,9 @@ class BatchScheduler:
         started = time.perf_counter()
         request.sampler = Sampler(request.params)
         token = request.sampler.choose(request.main.logits, contrast, request.generated)
+        finished = self._emit(request, token)
         started = self._spent("choose", started)
-        if self._emit(request, token):
+        if finished:
             return
         for seq in request.sequences:
             self._merge(request, seq)
