@@ -286,7 +286,7 @@ class Assistant:
                 from serving.evidence import evidence_sources, rank_sentences, support_score
 
                 t0 = time.perf_counter()
-                ranked = rank_sentences(question, hits, col.embedder.embed_batch)
+                ranked = rank_sentences(question, hits, col.embedder.embed_batch, skip_questions=cfg.evidence_skip_questions)
                 answer.abstain_score = support_score(ranked, hits)
                 if cfg.evidence_sentences:
                     hits = evidence_sources(hits, ranked, cfg.evidence_sentences, cfg.evidence_window_tokens,

@@ -53,6 +53,8 @@ class ServeConfig:
     evidence_sentences: int = field(1, help="evidence first: put the best N sentences of the retrieved chunks (MiniLM + BM25 "
                                             "ranked, each widened to evidence_window_tokens) in the prompt instead of whole chunks "
                                             "(0 = off: whole chunks)")
+    evidence_skip_questions: bool = field(True, help="evidence first: a sentence that is itself a question (an FAQ heading) "
+                                                    "is not evidence; its rank goes to the sentence after it (its answer)")
     evidence_window_tokens: int = field(8, help="each evidence sentence is widened with its neighbours up to this many model "
                                                "tokens (8: in practice the sentence alone)")
     abstain_threshold: float = field(0.0, help="abstain when the support score (mean of the best chunk's similarity and the best "

@@ -73,12 +73,18 @@ def _minmax(values: list[float]) -> list[float]:
     return [(v - low) / (high - low) if high > low else 1.0 for v in values]
 
 
+def is_question(text: str) -> bool:
+    return text.rstrip().rstrip("\"')»”").endswith("?")
+
+
 def rank_sentences(question: str, hits: Sequence[Any], embed: Callable[[list[str]], Any],
-                   dense_weight: float = 0.5) -> list[Sentence]:
+                   dense_weight: float = 0.5, skip_questions: bool = False) -> list[Sentence]:
     """Every sentence of ``hits`` scored against ``question``, best first.
 
     ``embed`` maps a list of texts to normalised vectors (``embedder.embed_batch``); the question is
-    embedded in the same batch."""
+    embedded in the same batch. ``skip_questions``: a sentence that is itself a question (an FAQ heading)
+    matches a question best and answers it never; it hands its score to the sentence right after it in its
+    chunk when that one is not a question (the FAQ's answer), and ranks after every other sentence."""
     sentences = [Sentence(h_i, a, b, hit.text[a:b]) for h_i, hit in enumerate(hits) for a, b in split_sentences(hit.text)]
     if not sentences:
         return []
@@ -91,6 +97,14 @@ def rank_sentences(question: str, hits: Sequence[Any], embed: Callable[[list[str
         s.coverage = len(q_terms & _terms(s.text)) / len(q_terms) if q_terms else 0.0
     for s, d, b in zip(sentences, _minmax([s.cosine for s in sentences]), _minmax(bm25)):
         s.score = dense_weight * d + (1 - dense_weight) * b
+    if skip_questions:
+        for i, s in enumerate(sentences):
+            if not is_question(s.text):
+                continue
+            after = sentences[i + 1] if i + 1 < len(sentences) else None
+            if after is not None and after.hit_index == s.hit_index and not is_question(after.text):
+                after.score = max(after.score, s.score)
+            s.score -= 2.0  # below every non-question (scores are in [0, 1]); questions keep their order
     return sorted(sentences, key=lambda s: (-s.score, s.hit_index, s.start))
 
 
@@ -146,4 +160,4 @@ def evidence_sources(hits: Sequence[Any], ranked: Sequence[Sentence], n: int, wi
     return out
 
 
-__all__ = ["Sentence", "split_sentences", "rank_sentences", "support_score", "evidence_sources"]
+__all__ = ["Sentence", "split_sentences", "is_question", "rank_sentences", "support_score", "evidence_sources"]

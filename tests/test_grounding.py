@@ -185,6 +185,24 @@ def test_sentence_ranking_puts_the_answering_sentence_first(embedder):
     assert related > unrelated
 
 
+def test_an_faq_question_in_the_sources_hands_its_rank_to_its_answer(embedder):
+    """An FAQ heading matches the user's question best and answers nothing: with skip_questions its answer
+    (the sentence after it) ranks first and the heading last; off, the heading wins (the bug this fixes)."""
+    from rag.search import Hit
+    from serving.evidence import is_question, rank_sentences
+
+    text = ("How long is the warranty on my HX heat pump?\nUnits registered after July 2025 have a 7-year parts warranty. "
+            "How do I register my heat pump?\nYour installer registers the unit at commissioning.")
+    hits = [Hit(1, "faq.html", text, 0, len(text), 1.0, {}, 0.6)]
+    question = "How long is the warranty on an HX heat pump?"
+    plain = rank_sentences(question, hits, embedder.embed_batch)
+    assert is_question(plain[0].text)  # without the option the heading is the "evidence"
+    ranked = rank_sentences(question, hits, embedder.embed_batch, skip_questions=True)
+    assert ranked[0].text.startswith("Units registered after July 2025")
+    assert all(is_question(s.text) for s in ranked[-2:]) and not any(is_question(s.text) for s in ranked[:2])
+    assert is_question('Is it "quiet?"') and not is_question("It is rated for 38 dB.")
+
+
 def test_abstain_threshold_from_config_flags_the_answer_refused_with_reason(serving_home, serving_generator):
     strict = make_assistant(serving_home, serving_generator, abstain_threshold=0.99, max_new_tokens=4)
     answer = strict.answer(QUESTIONS[1], "rag", "corvida", log=False)
