@@ -227,7 +227,7 @@ def main() -> None:
                 assistant.config = arms[arm]
                 results[(set_name, mode, arm)] = answer_rows(assistant, rows, mode, args.collection, args.adapter,
                                                              f"{set_name}/{arm}", samples)
-    shown = (*BASELINE, "grounded_spans", "ragft_grounded_spans", "k", "source_tokens", "evidence_window_tokens")
+    shown = (*BASELINE, "grounded_spans", "ragft_grounded_spans", "k", "source_tokens", "evidence_window_tokens", "evidence_skip_questions")
     config_note = {"baseline": {k: getattr(baseline_cfg, k) for k in shown},
                    "ragtune": {k: getattr(ragtune_cfg, k) for k in shown},
                    "adapter": args.adapter, "max_new_tokens": MAX_NEW_TOKENS, "split": args.split, "quick": args.quick}
