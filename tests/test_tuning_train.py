@@ -23,8 +23,8 @@ pytestmark = pytest.mark.slow
 FAST = ["batch_size=4", "max_seq_len=64", "logging_steps=1", "forgetting_probe=false", "progress=false", "threads=1"]
 
 
-def run(home, data, *extra):
-    return tune(None, [f"data={data}", *FAST, *extra], home=home, echo=lambda *_: None)
+def run(home, data, *extra, echo=lambda *_: None):
+    return tune(None, [f"data={data}", *FAST, *extra], home=home, echo=echo)
 
 
 def test_lora_run_writes_adapter_manifest_and_log(tune_home, tiny_sft_data):
@@ -35,8 +35,9 @@ def test_lora_run_writes_adapter_manifest_and_log(tune_home, tiny_sft_data):
 
     # bf16 autocast where the CPU has native bf16 (AVX512-BF16/AMX); elsewhere it is emulated, ~40x slower
     precision = "bf16" if cpu_has_native_bf16() else "fp32"
+    said: list[str] = []
     run(tune_home, tiny_sft_data, "name=hx", "max_steps=2", "eval_steps=1", "save_steps=1", "val_share=0.25",
-            "forgetting_probe=true", "probe_limit=1", f"precision={precision}")
+            "forgetting_probe=true", "probe_limit=1", f"precision={precision}", echo=said.append)
     folder = tune_home / "adapters" / "hx"
     assert {"adapter_config.json", "adapter_model.safetensors", "ragtune.json"} <= {p.name for p in folder.iterdir()}
     manifest = json.loads((folder / "ragtune.json").read_text())
@@ -55,6 +56,8 @@ def test_lora_run_writes_adapter_manifest_and_log(tune_home, tiny_sft_data):
     assert any("loss" in e for e in events if e["event"] == "train")
     readable = (run_dir / "log.txt").read_text()
     assert "step 2/2" in readable and "eval loss" in readable and "tokens/s" in readable and "ETA" in readable
+    # progress=false: no bar, so the same step lines (with the ETA) reach the caller's echo
+    assert any("step 1/2" in m and "ETA" in m for m in said) and any("step 2/2" in m for m in said)
     # loadable by plain peft; the adapter changes the model's output
     base_path = tune_home / "models" / "smollm2-135m-instruct"
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), folder).eval()

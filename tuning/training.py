@@ -30,7 +30,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -278,10 +278,12 @@ class LogCallback(TrainerCallback):
     """Logs Trainer's losses with the step count, measured seconds per step, tokens/s and an ETA.
 
     Step time is measured from this process's first step, so a resumed run's ETA is not skewed by the
-    steps done before the interruption."""
+    steps done before the interruption. ``echo``: also hand each readable line to it (the recipes pass
+    their ``echo`` when the progress bar is off, so a script or a bench still shows steps and the ETA)."""
 
-    def __init__(self, log: JsonlLog):
+    def __init__(self, log: JsonlLog, echo: Callable[[str], Any] | None = None):
         self.log = log
+        self.echo = echo
         self.started: float | None = None
         self.first_step = 0
         self.last_time: float | None = None
@@ -306,7 +308,10 @@ class LogCallback(TrainerCallback):
         if kind == "train" and tokens is not None and self.last_time is not None and now > self.last_time:
             extra["tokens_per_s"] = round((tokens - self.last_tokens) / (now - self.last_time), 1)
             self.last_tokens, self.last_time = tokens, now
-        self.log.write(kind, **{"step": state.global_step, **logs, "epoch": round(state.epoch or 0.0, 4), **extra})
+        values = {"step": state.global_step, **logs, "epoch": round(state.epoch or 0.0, 4), **extra}
+        self.log.write(kind, **values)
+        if self.echo is not None:
+            self.echo(readable_line({"event": kind, "time": now, **values}))
 
 
 # ------------------------------------------------------------------------------------------ SFT trainer

@@ -109,7 +109,7 @@ def train(config: TuneConfig, home: str | Path | None = None, echo=print) -> dic
     has_eval = bool(eval_rows)
     args = training_arguments(config, run_dir / "checkpoints", has_eval, device)
     args.remove_unused_columns = True
-    callbacks = [LogCallback(runlog)]
+    callbacks = [LogCallback(runlog, echo=None if config.progress else echo)]
     if has_eval and config.early_stopping_patience > 0:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
     trainer = Trainer(model=model, args=args, train_dataset=ListDataset(train_rows),

@@ -124,7 +124,7 @@ def train(config: TuneConfig, home: str | Path | None = None, echo=print) -> dic
         beta=config.dpo_beta, max_length=config.max_seq_len, dataloader_num_workers=0,
         gradient_checkpointing=config.gradient_checkpointing)
     trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         callbacks=[LogCallback(runlog)])
+                         callbacks=[LogCallback(runlog, echo=None if config.progress else echo)])
     without_dict_printer(trainer)
     train_start = time.time()
     result = trainer.train()

@@ -98,7 +98,7 @@ def train(config: TuneConfig, home: str | Path | None = None, echo=print) -> dic
                              config.seed, total_draws=total_draws(config, len(train_rows)))
     has_eval = bool(eval_rows)
     args = training_arguments(config, run_dir / "checkpoints", has_eval, device)
-    callbacks = [LogCallback(runlog)]
+    callbacks = [LogCallback(runlog, echo=None if config.progress else echo)]
     if has_eval and config.early_stopping_patience > 0:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
     trainer = SFTTrainer(model=model, args=args, train_dataset=ListDataset(train_rows), data_collator=collator,
