@@ -37,6 +37,7 @@ UPLOAD_DOC = ("# Orla service note\n\nThe Orla-3 circulation pump must be descal
               "installer. ![tracker](http://127.0.0.1:{port}/from-document.png)\n")
 UPLOAD_QUESTION = "How often must the Orla-3 pump be descaled?"
 CORRECTION = "Every 24 months, per the maintenance schedule [1]."
+UNANSWERABLE = "Who painted the Mona Lisa?"  # nothing in the collection is near it: an abstention
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -165,6 +166,13 @@ def test_demo_flow_in_a_real_browser(app_server, trap_server, tmp_path):
             stored = ChatStore(Workspace(app_server["home"]).db_path).corrections("corvida")
             assert pending(app_server["home"], "corvida")["corrections"] == before + 1
             assert stored[-1]["correction"] == CORRECTION and stored[-1]["source_n"] is None, stored[-1]
+            # 2b. a question the demo's sources do not cover is shown as an abstention, not as an answer
+            box = page.get_by_test_id("stChatInputTextArea")
+            box.fill(UNANSWERABLE)
+            box.press("Enter")
+            expect(page.get_by_text("Not answered:", exact=False).first).to_be_visible(timeout=120_000)
+            expect(page.get_by_text("I don't know", exact=False).first).to_be_visible()
+            expect(page.get_by_test_id("stExpander").filter(has_text="not used for an answer").first).to_be_visible()
             # 3. create a collection by uploading a file
             page.goto(url + "/collections")
             field = page.get_by_label("Collection (new or existing)").first
