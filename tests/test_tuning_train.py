@@ -136,6 +136,33 @@ def test_dora_on_top_layers_and_multitask_eval(tune_home, tiny_sft_data, tmp_pat
     assert m["params"]["trainable"] < full_lora / 5
 
 
+def test_sft_continues_from_a_start_adapter(tune_home, tiny_sft_data):
+    """The reader recipe's mechanism: a domain adapter starts from a registered one (its rank, targets and
+    weights), not from a fresh LoRA; refusals name the key."""
+    run(tune_home, tiny_sft_data, "name=reader", "max_steps=2", "val_share=0", "target_modules=attention", "lora_r=4",
+        "learning_rate=1e-2")
+    m = run(tune_home, tiny_sft_data, "name=domain", "max_steps=1", "val_share=0", "start_adapter=reader",
+            "learning_rate=1e-6")
+    run(tune_home, tiny_sft_data, "name=fresh", "max_steps=1", "val_share=0", "target_modules=attention", "lora_r=4",
+        "learning_rate=1e-6")
+    assert m["start_adapter"]["name"] == "reader"
+    cfg = json.loads((tune_home / "adapters" / "domain" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    weights = {n: load_file(tune_home / "adapters" / n / "adapter_model.safetensors") for n in ("reader", "domain", "fresh")}
+    assert weights["domain"].keys() == weights["reader"].keys()
+
+    def distance(a: str, b: str) -> float:
+        return sum(float((weights[a][k] - weights[b][k]).norm()) for k in weights[a])
+
+    assert distance("domain", "reader") < 0.1 * distance("fresh", "reader")  # continued, not started afresh
+    with pytest.raises(TuningError, match="missing"):
+        run(tune_home, tiny_sft_data, "name=x", "max_steps=1", "start_adapter=missing")
+    with pytest.raises(Exception, match="start_adapter"):
+        run(tune_home, tiny_sft_data, "name=y", "max_steps=1", "start_adapter=reader", "method=full")
+    with pytest.raises(TuningError, match="another name"):
+        run(tune_home, tiny_sft_data, "name=reader", "max_steps=1", "start_adapter=reader", "overwrite=true")
+
+
 def test_full_finetune_of_top_layer(tune_home, tiny_sft_data):
     from transformers import AutoModelForCausalLM
 

@@ -67,7 +67,9 @@ class TuneConfig:
     new_task: str | None = field(None, help="progressive mixing: the task tag whose share ramps from p0 to p1; other tasks replay in proportion to their weights")
     p0: float = field(0.5, help="progressive mixing: share of new_task at the start of training")
     p1: float = field(0.9, help="progressive mixing: share of new_task at the end of training")
-    start_adapter: str | None = field(None, help="dpo: the adapter to start from, which is also the frozen reference (None: a new LoRA on the base, the base is the reference)")
+    start_adapter: str | None = field(None, help="sft/dpo: the registered adapter to continue training (its rank, targets and base model; "
+                                                 "lora_* keys are then unused); for dpo also the frozen reference (None: a new LoRA on the "
+                                                 "base, the base is the reference)")
     dpo_beta: float = field(0.1, help="dpo: strength of the pull towards the reference (DPO's beta; higher = closer to the reference)")
     forgetting_probe: bool = field(True, help="measure general perplexity and general QA accuracy before and after (sft only)")
     probe_limit: int = field(0, help="forgetting probe: use at most N prose passages and N questions (0 = all)")
@@ -107,8 +109,9 @@ class TuneConfig:
         if self.layers < 0:
             raise ConfigError("layers: must be >= 0 (0 adapts every layer)")
         if self.start_adapter is not None:
-            if self.task != "dpo":
-                raise ConfigError("start_adapter: only task=dpo starts from an adapter (remove it, or set task=dpo)")
+            if self.task not in ("dpo", "sft") or self.method == "full":
+                raise ConfigError("start_adapter: only LoRA/DoRA adapters of task=sft or task=dpo start from an adapter "
+                                  "(remove it, or set method=lora)")
             try:
                 check_name(self.start_adapter, "adapter name")
             except InvalidName as exc:

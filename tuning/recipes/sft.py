@@ -7,6 +7,10 @@ base model (fp32 CPU / bf16 GPU / 8-bit / 4-bit) -> forgetting probe on the base
 Trainer (packing collator, labelled-logits loss, mixture sampler, eval every N steps, early stopping,
 best checkpoint, resumable checkpoints) -> save adapter + ``ragtune.json`` atomically -> probe again.
 
+``start_adapter=NAME`` continues training a registered LoRA/DoRA adapter instead of a new one (its own
+rank and target modules; its base model): the reader recipe, one "reading" adapter trained on public
+question sets (``ragtune import squad`` + ``ragtune data raft``) as the starting point of domain adapters.
+
 Multi-GPU: the same code runs unchanged under ``accelerate launch`` (DDP, or FSDP via an accelerate
 config), because the loop is transformers' Trainer::
 
@@ -26,11 +30,12 @@ from pathlib import Path
 
 from transformers import EarlyStoppingCallback
 
+from core.workspace import ragtune_home
 from tuning import attention, forgetting
-from tuning.adapters import file_sha256, write_manifest
+from tuning.adapters import file_sha256, get_adapter, write_manifest
 from tuning.config import TuneConfig, resolved_dict
 from tuning.data import PackingCollator, ensure_chat_template, load_records, split_records, tokenize_records
-from tuning.errors import DataError
+from tuning.errors import DataError, TuningError
 from tuning.mixing import MixtureSampler, Schedule
 from tuning.models import load_causal_lm, load_tokenizer, resolve_base_model, training_precision, weights_hash
 from tuning.training import (ListDataset, LogCallback, SFTTrainer, apply_method, parameter_counts, publish_folder,
@@ -43,6 +48,9 @@ def train(config: TuneConfig, home: str | Path | None = None, echo=print) -> dic
     """Run ``config``; return the manifest written to ``<home>/adapters/<name>/ragtune.json``."""
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
     started = time.time()
+    start = get_adapter(ragtune_home(home), config.start_adapter) if config.start_adapter else None  # refuse a missing one early
+    if start and config.start_adapter == config.name:
+        raise TuningError(f"start_adapter {config.start_adapter!r} is the adapter being written; give the new one another name")
     run = start_run(config, home, config.resume)
     home, out_dir, device, run_dir, resume_from, threads, runlog = (
         run.home, run.out_dir, run.device, run.run_dir, run.resume_from, run.threads, run.runlog)
@@ -58,7 +66,7 @@ def train(config: TuneConfig, home: str | Path | None = None, echo=print) -> dic
         train_records, eval_records = split_records(records, config.val_share, config.seed)
 
     # 2. tokenizer: chat template rendering, loss only on replies + EOS, over-long policy counted
-    base = resolve_base_model(config.base_model, home)
+    base = resolve_base_model(start[1]["base_model"]["id"] if start else config.base_model, home)
     write_run_info(run_dir, config, base, resume_from)
     runlog.write("run", name=config.name, run_id=run_dir.name, resumed_from=Path(resume_from).name if resume_from else None)
     tokenizer = load_tokenizer(base)
@@ -83,8 +91,13 @@ def train(config: TuneConfig, home: str | Path | None = None, echo=print) -> dic
         if probe_before:
             runlog.write("probe_before", **probe_before)
 
-    # 4. PEFT: LoRA / DoRA on all-linear or attention modules, optionally only the top N layers
-    model = apply_method(model, config, "CAUSAL_LM")
+    # 4. PEFT: LoRA / DoRA on all-linear or attention modules, optionally only the top N layers; or the start adapter
+    if start:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(start[0]), is_trainable=True)
+    else:
+        model = apply_method(model, config, "CAUSAL_LM")
     trainable, total = parameter_counts(model)
     echo(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%); {device}, {precision}, {threads} threads")
     runlog.write("params", trainable=trainable, total=total)
@@ -148,6 +161,7 @@ def train(config: TuneConfig, home: str | Path | None = None, echo=print) -> dic
         "precision": precision,
         "threads": threads,
         "resumed_from": Path(resume_from).name if resume_from else None,
+        "start_adapter": ({"name": config.start_adapter, "created": start[1].get("created")} if start else None),
         "run_dir": str(run_dir),
     }
     write_manifest(tmp, manifest)
