@@ -145,7 +145,7 @@ def test_sft_continues_from_a_start_adapter(tune_home, tiny_sft_data):
             "learning_rate=1e-6")
     run(tune_home, tiny_sft_data, "name=fresh", "max_steps=1", "val_share=0", "target_modules=attention", "lora_r=4",
         "learning_rate=1e-6")
-    assert m["start_adapter"]["name"] == "reader"
+    assert m["start_adapter"]["name"] == "reader" and m["method"] == "lora"
     cfg = json.loads((tune_home / "adapters" / "domain" / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
     weights = {n: load_file(tune_home / "adapters" / n / "adapter_model.safetensors") for n in ("reader", "domain", "fresh")}

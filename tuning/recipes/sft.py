@@ -142,7 +142,7 @@ def train(config: TuneConfig, home: str | Path | None = None, echo=print) -> dic
         "format": 1,
         "name": config.name,
         "task": "sft",
-        "method": config.method,
+        "method": start[1].get("method", config.method) if start else config.method,  # a start adapter keeps its own
         "quant": config.quant,
         "base_model": {"id": base.id, "kind": base.kind, "sha256": weights_hash(base)},
         "data": [{"path": str(Path(s.path).resolve()), "task": s.task, "weight": s.weight, "sha256": file_sha256(s.path)}
