@@ -89,6 +89,30 @@ def top_layer_indices(config: TuneConfig, model) -> list[int] | None:
     return list(range(total - config.layers, total))
 
 
+def start_adapter(config: TuneConfig, home: str | os.PathLike | None) -> tuple[Path, dict[str, Any]] | None:
+    """The registered adapter ``config.start_adapter`` names, as (folder, manifest), or None; refused before
+    anything is written when it is missing or is the adapter this run writes."""
+    if not config.start_adapter:
+        return None
+    from core.workspace import ragtune_home
+    from tuning.adapters import get_adapter
+
+    start = get_adapter(ragtune_home(home), config.start_adapter)
+    if config.start_adapter == config.name:
+        raise TuningError(f"start_adapter {config.start_adapter!r} is the adapter being written; give the new one another name")
+    return start
+
+
+def adapt(model, config: TuneConfig, task_type: str, start: tuple[Path, dict[str, Any]] | None = None):
+    """The model to train: ``start``'s adapter loaded trainable (its own rank and targets), or
+    :func:`apply_method`'s new one."""
+    if start is None:
+        return apply_method(model, config, task_type)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(start[0]), is_trainable=True)
+
+
 def apply_method(model, config: TuneConfig, task_type: str):
     """Wrap ``model`` with LoRA/DoRA (peft) or unfreeze it for full fine-tuning."""
     layers = top_layer_indices(config, model)
@@ -209,16 +233,18 @@ class JsonlLog:
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
 
-    def write(self, event: str, **values: Any) -> None:
-        if not self.enabled:
-            return
+    def write(self, event: str, **values: Any) -> str | None:
+        """Appends the row; returns its readable line (None when a person need not read it)."""
         row = {"event": event, "time": round(time.time(), 3), **values}
+        line = readable_line(row)
+        if not self.enabled:
+            return line
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row, default=float) + "\n")
-        line = readable_line(row)
         if line:
             with open(self.text_path, "a", encoding="utf-8") as fh:
                 fh.write(line + "\n")
+        return line
 
     def last(self, event: str) -> dict | None:
         """The newest row of ``event`` without its bookkeeping keys, or None."""
@@ -308,10 +334,9 @@ class LogCallback(TrainerCallback):
         if kind == "train" and tokens is not None and self.last_time is not None and now > self.last_time:
             extra["tokens_per_s"] = round((tokens - self.last_tokens) / (now - self.last_time), 1)
             self.last_tokens, self.last_time = tokens, now
-        values = {"step": state.global_step, **logs, "epoch": round(state.epoch or 0.0, 4), **extra}
-        self.log.write(kind, **values)
-        if self.echo is not None:
-            self.echo(readable_line({"event": kind, "time": now, **values}))
+        line = self.log.write(kind, **{"step": state.global_step, **logs, "epoch": round(state.epoch or 0.0, 4), **extra})
+        if self.echo is not None and line:
+            self.echo(line)
 
 
 # ------------------------------------------------------------------------------------------ SFT trainer

@@ -26,12 +26,12 @@ from pathlib import Path
 
 from core.workspace import ragtune_home
 from tuning import forgetting
-from tuning.adapters import file_sha256, get_adapter, write_manifest
+from tuning.adapters import file_sha256, write_manifest
 from tuning.config import TuneConfig, resolved_dict
 from tuning.data import ensure_chat_template, read_rows
-from tuning.errors import DataError, TuningError
+from tuning.errors import DataError
 from tuning.models import load_causal_lm, load_tokenizer, resolve_base_model, weights_hash
-from tuning.training import (LogCallback, apply_method, parameter_counts, publish_folder, staging_dir, start_run,
+from tuning.training import (LogCallback, adapt, parameter_counts, publish_folder, staging_dir, start_adapter, start_run,
                              without_dict_printer, write_run_info)
 
 
@@ -79,9 +79,7 @@ def train(config: TuneConfig, home: str | Path | None = None, echo=print) -> dic
     warnings.filterwarnings("ignore", message=".*DPOTrainer.*")
     started = time.time()
     home = ragtune_home(home)
-    start = get_adapter(home, config.start_adapter) if config.start_adapter else None  # refuse a missing one early
-    if config.start_adapter and config.start_adapter == config.name:
-        raise TuningError(f"start_adapter {config.start_adapter!r} is the adapter being written; give the new one another name")
+    start = start_adapter(config, home)
     run = start_run(config, home, False)
     out_dir, device, run_dir, threads, runlog = run.out_dir, run.device, run.run_dir, run.threads, run.runlog
 
@@ -103,12 +101,7 @@ def train(config: TuneConfig, home: str | Path | None = None, echo=print) -> dic
         runlog.write("probe_before", **probe_before)
 
     # 3. the policy: the start adapter, trainable (TRL copies it as the frozen "ref" adapter), or a new LoRA
-    if start:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(start[0]), is_trainable=True)
-    else:
-        model = apply_method(model, config, "CAUSAL_LM")
+    model = adapt(model, config, "CAUSAL_LM", start)
     trainable, total = parameter_counts(model)
     echo(f"trainable parameters: {trainable:,} of {total:,}; reference: {config.start_adapter or 'the base model'}; "
          f"{device}, {threads} threads")

@@ -30,16 +30,15 @@ from pathlib import Path
 
 from transformers import EarlyStoppingCallback
 
-from core.workspace import ragtune_home
 from tuning import attention, forgetting
-from tuning.adapters import file_sha256, get_adapter, write_manifest
+from tuning.adapters import file_sha256, write_manifest
 from tuning.config import TuneConfig, resolved_dict
 from tuning.data import PackingCollator, ensure_chat_template, load_records, split_records, tokenize_records
-from tuning.errors import DataError, TuningError
+from tuning.errors import DataError
 from tuning.mixing import MixtureSampler, Schedule
 from tuning.models import load_causal_lm, load_tokenizer, resolve_base_model, training_precision, weights_hash
-from tuning.training import (ListDataset, LogCallback, SFTTrainer, apply_method, parameter_counts, publish_folder,
-                             staging_dir, start_run, total_draws, training_arguments, without_dict_printer, write_run_info)
+from tuning.training import (ListDataset, LogCallback, SFTTrainer, adapt, parameter_counts, publish_folder, staging_dir,
+                             start_adapter, start_run, total_draws, training_arguments, without_dict_printer, write_run_info)
 
 log = logging.getLogger("ragtune.tuning")
 
@@ -48,9 +47,7 @@ def train(config: TuneConfig, home: str | Path | None = None, echo=print) -> dic
     """Run ``config``; return the manifest written to ``<home>/adapters/<name>/ragtune.json``."""
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
     started = time.time()
-    start = get_adapter(ragtune_home(home), config.start_adapter) if config.start_adapter else None  # refuse a missing one early
-    if start and config.start_adapter == config.name:
-        raise TuningError(f"start_adapter {config.start_adapter!r} is the adapter being written; give the new one another name")
+    start = start_adapter(config, home)
     run = start_run(config, home, config.resume)
     home, out_dir, device, run_dir, resume_from, threads, runlog = (
         run.home, run.out_dir, run.device, run.run_dir, run.resume_from, run.threads, run.runlog)
@@ -92,12 +89,7 @@ def train(config: TuneConfig, home: str | Path | None = None, echo=print) -> dic
             runlog.write("probe_before", **probe_before)
 
     # 4. PEFT: LoRA / DoRA on all-linear or attention modules, optionally only the top N layers; or the start adapter
-    if start:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(start[0]), is_trainable=True)
-    else:
-        model = apply_method(model, config, "CAUSAL_LM")
+    model = adapt(model, config, "CAUSAL_LM", start)
     trainable, total = parameter_counts(model)
     echo(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%); {device}, {precision}, {threads} threads")
     runlog.write("params", trainable=trainable, total=total)
