@@ -36,6 +36,7 @@ browser:
 
 demo: install
 	RAGTUNE_HOME=$(DEMO_HOME) $(BIN)/ragtune index corpora/corvida/docs --collection corvida --chunk-tokens 128 --sync
+	RAGTUNE_HOME=$(DEMO_HOME) $(BIN)/ragtune tune-ranker -c corvida --questions corpora/corvida/qa/train.jsonl --if-missing
 	@case "$(HOST)" in 127.0.0.1|localhost|::1) ;; *) echo "WARNING: the app will listen on $(HOST), reachable from the network; set a password (README, Reliability)";; esac
 	RAGTUNE_HOME=$(DEMO_HOME) $(BIN)/python -m serving.app_launch --server.address $(HOST) --server.port $(PORT)
 

@@ -45,7 +45,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 QA = REPO / "corpora" / "corvida" / "qa"
 BASELINE = {"grounded": False, "cad_alpha": 0.0, "evidence_sentences": 0, "abstain_threshold": 0.0,
-            "ragft_grounded": False, "ragft_evidence_sentences": 0}
+            "ragft_grounded": False, "ragft_evidence_sentences": 0, "evidence_ranker": "fixed"}
 MAX_NEW_TOKENS = 64  # as the A/B runner
 SAMPLES_FILE: Path | None = None
 
@@ -231,6 +231,11 @@ def main() -> None:
     config_note = {"baseline": {k: getattr(baseline_cfg, k) for k in shown},
                    "ragtune": {k: getattr(ragtune_cfg, k) for k in shown},
                    "adapter": args.adapter, "max_new_tokens": MAX_NEW_TOKENS, "split": args.split, "quick": args.quick}
+    from serving.ranker import load_ranker
+
+    learned = load_ranker(assistant.workspace.get(args.collection))  # what evidence_ranker=auto finds in the collection
+    config_note["learned_ranker"] = ({k: learned.manifest.get(k) for k in ("rows", "questions_used", "c", "data_sha256", "created")}
+                                     if learned else None)
     print(json.dumps({"bench": "quality", "config": config_note}), flush=True)
     main_set = "dev" if args.split == "dev" else "test"
     prefix = "dev" if args.split == "dev" else "demo"

@@ -265,6 +265,7 @@ class Assistant:
                         base_model=getattr(self.generator, "base_id", None),
                         collection=collection if uses_retrieval(mode) else None)
         hits: list[Any] = []
+        ranker = "none"  # which evidence ranker ordered the sentences (recorded with the decoding options)
         if uses_retrieval(mode):
             col = self.workspace.get(collection)
             answer.collection_version = col.version()
@@ -284,9 +285,14 @@ class Assistant:
                 return AnswerStream(self, answer, None, started, chat_id, log)
             if cfg.evidence_sentences or cfg.abstain_threshold > 0:
                 from serving.evidence import evidence_sources, rank_sentences, support_score
+                from serving.ranker import load_ranker
 
                 t0 = time.perf_counter()
                 ranked = rank_sentences(question, hits, col.embedder.embed_batch, skip_questions=cfg.evidence_skip_questions)
+                learned = load_ranker(col) if cfg.evidence_ranker == "auto" else None
+                if learned is not None:
+                    ranked = learned.rerank(question, ranked)
+                ranker = "learned" if learned is not None else "fixed"
                 answer.abstain_score = support_score(ranked, hits)
                 if cfg.evidence_sentences:
                     hits = evidence_sources(hits, ranked, cfg.evidence_sentences, cfg.evidence_window_tokens,
@@ -334,7 +340,7 @@ class Assistant:
                                    history_turns=cfg.history_turns)
             params.contrast_ids, params.cad_alpha = self.generator.render(plain.messages), cfg.cad_alpha
         answer.decoding = {"grounded": bool(constraint), "grounded_spans": cfg.grounded_spans if constraint else 0, "cad_alpha": params.cad_alpha if params.contrast_ids else 0.0,
-                           "evidence_sentences": cfg.evidence_sentences if rag else 0, "k": k or cfg.k if rag else 0,
+                           "evidence_sentences": cfg.evidence_sentences if rag else 0, "evidence_ranker": ranker, "k": k or cfg.k if rag else 0,
                            "source_tokens": cfg.source_tokens, "abstain_threshold": cfg.abstain_threshold if rag else 0.0}
         tokens = self.generator.stream(plan.messages, adapter=use_adapter, params=params)
         return AnswerStream(self, answer, tokens, started, chat_id, log, constraint, maps)

@@ -55,6 +55,9 @@ class ServeConfig:
                                             "(0 = off: whole chunks)")
     evidence_skip_questions: bool = field(True, help="evidence first: a sentence that is itself a question (an FAQ heading) "
                                                     "is not evidence; its rank goes to the sentence after it (its answer)")
+    evidence_ranker: str = field("auto", help="evidence first: auto = order the sentences with the collection's learned ranker "
+                                             "when it has one (ragtune tune-ranker; serving.ranker), else the fixed MiniLM + BM25 "
+                                             "mix; fixed = always the fixed mix")
     evidence_window_tokens: int = field(8, help="each evidence sentence is widened with its neighbours up to this many model "
                                                "tokens (8: in practice the sentence alone)")
     abstain_threshold: float = field(0.0, help="abstain when the support score (mean of the best chunk's similarity and the best "
@@ -92,6 +95,8 @@ class ServeConfig:
         for key in ("evidence_sentences", "ragft_evidence_sentences"):
             if not 0 <= getattr(self, key) <= 40:
                 raise ConfigError(f"{key}: use 0 (off) to 40 (example: {key}=4)")
+        if self.evidence_ranker not in ("auto", "fixed"):
+            raise ConfigError(f"evidence_ranker: {self.evidence_ranker!r} is not auto or fixed (example: evidence_ranker=fixed)")
         if self.evidence_window_tokens < 8:
             raise ConfigError("evidence_window_tokens: must be >= 8 (example: evidence_window_tokens=48)")
         if not -1.0 <= self.abstain_threshold <= 1.0:

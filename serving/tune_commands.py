@@ -1,4 +1,4 @@
-"""Tuning commands for the ``ragtune`` CLI: tune, adapters (list / rm / merge), data raft, classify, tune-retriever.
+"""Tuning commands for the ``ragtune`` CLI: tune, adapters (list / rm / merge), data raft, classify, tune-retriever, tune-ranker.
 
 ``register(app)`` adds them to the lead's typer app in ``serving/cli.py``. Heavy imports happen inside
 the commands so ``ragtune --help`` stays fast. User-fixable problems raise ``tuning.errors.TuningError``
@@ -196,17 +196,64 @@ def tune_retriever_cmd(
     from core.workspace import ragtune_home
     from tuning.recipes.retriever import train_retriever
 
-    if not questions.exists():
-        raise typer.BadParameter(f"{questions}: file not found (questions JSONL with question, doc, span)")
-    rows = []
-    for n, line in enumerate(questions.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise typer.BadParameter(f"{questions}, row {n}: not valid JSON ({exc.msg})") from None
+    rows = _question_rows(questions, "questions JSONL with question, doc, span")
     manifest = train_retriever(ragtune_home(home), collection, rows, name, epochs, batch_size, learning_rate, max_steps,
                                positives=positives, echo=(lambda *_: None) if as_json else typer.echo)
+    if as_json:
+        _emit(manifest)
+
+
+def _question_rows(path: Path, what: str) -> list[dict]:
+    if not path.exists():
+        raise typer.BadParameter(f"{path}: file not found ({what})")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise typer.BadParameter(f"{path}, row {n}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise typer.BadParameter(f"{path}, row {n}: expected an object with question and answer")
+            rows.append(row)
+    return rows
+
+
+def tune_ranker_cmd(
+    collection: str = typer.Option(..., "--collection", "-c", help="collection whose evidence ranker is learned"),
+    questions: Path = typer.Option(..., "--questions", help="JSONL with question and answer (corpora/corvida/qa format)"),
+    dev: Optional[Path] = typer.Option(None, "--dev", help="held-out JSONL (same format): its top-1 is reported, not trained on"),
+    c: float = typer.Option(1.0, "--c", help="inverse regularisation strength of the logistic regression"),
+    if_missing: bool = typer.Option(False, "--if-missing", help="do nothing when the collection already has a ranker"),
+    as_json: bool = typer.Option(False, "--json", help="print the manifest as JSON"),
+    home: Optional[str] = _HOME,
+) -> None:
+    """Learn which retrieved sentence holds the answer from the collection's training questions (seconds to minutes).
+
+    The assistant then orders evidence sentences with it (ServeConfig evidence_ranker=auto, the default).
+    Example: ragtune tune-ranker -c corvida --questions corpora/corvida/qa/train.jsonl
+    """
+    from rag.collection import Workspace
+    from rag.errors import CollectionError
+    from serving.config import ServeConfig
+    from serving.ranker import RankerError, ranker_path, train_ranker
+    from core.workspace import ragtune_home
+
+    try:
+        col = Workspace(ragtune_home(home)).get(collection)
+    except CollectionError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if if_missing and ranker_path(col).exists():
+        typer.echo(f"{ranker_path(col)} exists; kept (drop --if-missing to retrain)")
+        return
+    rows = _question_rows(questions, "questions JSONL with question and answer")
+    dev_rows = _question_rows(dev, "dev questions JSONL") if dev else []
+    cfg = ServeConfig()
+    try:
+        manifest = train_ranker(col, rows, k=cfg.k, mode=cfg.search_mode, c=c, dev_rows=dev_rows,
+                                echo=(lambda *_: None) if as_json else typer.echo)
+    except RankerError as exc:
+        raise typer.BadParameter(str(exc)) from None
     if as_json:
         _emit(manifest)
 
@@ -217,3 +264,4 @@ def register(app: typer.Typer) -> None:
     app.add_typer(data_app, name="data")
     app.command("classify")(classify_cmd)
     app.command("tune-retriever")(tune_retriever_cmd)
+    app.command("tune-ranker")(tune_ranker_cmd)
