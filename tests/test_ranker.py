@@ -101,11 +101,11 @@ def test_a_ranker_file_that_does_not_fit_is_ignored_with_a_warning_and_bad_input
         train_ranker(col, train, k=4, mode="hybrid", echo=lambda _: None)
     good = path.read_text(encoding="utf-8")
     try:
-        for broken, needle in (("{not json", "fixed evidence mix"),
+        for i, (broken, needle) in enumerate((("{not json", "fixed evidence mix"),
                                (json.dumps({**json.loads(good), "features": list(FEATURES[:-1])}), "other features"),
-                               (json.dumps({**json.loads(good), "embedding_model": "/elsewhere/model"}), "tune-ranker -c pumps")):
+                               (json.dumps({**json.loads(good), "embedding_model": "/elsewhere/model"}), "tune-ranker -c pumps"))):
             path.write_text(broken, encoding="utf-8")
-            os.utime(path, ns=(1, hash(broken) & 0xFFFFFFFF))  # a new mtime, so the cache re-reads it
+            os.utime(path, ns=(1, (i + 1) * 10**9))  # a new mtime, so the cache re-reads it
             with pytest.warns(UserWarning, match=needle.replace("-", r"\-")):
                 assert load_ranker(col) is None
     finally:
