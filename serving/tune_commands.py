@@ -206,8 +206,12 @@ def tune_retriever_cmd(
 def _question_rows(path: Path, what: str) -> list[dict]:
     if not path.exists():
         raise typer.BadParameter(f"{path}: file not found ({what})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise typer.BadParameter(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8 JSONL") from None
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 row = json.loads(line)
