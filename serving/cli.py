@@ -459,10 +459,12 @@ def main(argv: list[str] | None = None) -> None:
     except (KeyboardInterrupt, typer.Abort):
         typer.echo("interrupted", err=True)
         sys.exit(130)
-    except Exception as exc:  # click usage errors
+    except Exception as exc:  # click usage errors, and typer.BadParameter raised by a command
         import click
 
-        if isinstance(exc, click.ClickException):
+        # typer >= 0.26 vendors click: its BadParameter derives from its own copy of ClickException
+        click_errors = (click.ClickException, *(c for c in type(exc).__mro__ if c.__name__ == "ClickException"))
+        if isinstance(exc, click_errors):
             exc.show()
             sys.exit(exc.exit_code)
         raise
