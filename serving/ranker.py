@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from serving.evidence import Sentence, rank_sentences
+from serving.config import ServingError
+from serving.evidence import Sentence, _minmax, rank_sentences
 
 FILE = "evidence_ranker.json"
 FEATURES = ("mix", "cosine", "bm25", "coverage", "chunk_1", "chunk_2", "chunk_3", "chunk_4+", "has_number",
@@ -51,13 +52,8 @@ DIGIT = re.compile(r"\d")
 SENTENCE_END = re.compile(r"[.!?:;]['\")\]*_]*$")
 
 
-class RankerError(ValueError):
+class RankerError(ServingError):
     """A ranker that cannot be trained or loaded; the message names the input and the fix."""
-
-
-def _minmax(values: list[float]) -> list[float]:
-    low, high = (min(values), max(values)) if values else (0.0, 0.0)
-    return [(v - low) / (high - low) if high > low else 0.0 for v in values]
 
 
 def candidates(ranked: Sequence[Sentence]) -> list[Sentence]:
@@ -73,10 +69,10 @@ def features(question: str, ranked: Sequence[Sentence]) -> list[list[float]]:
     by_hit: dict[int, list[Sentence]] = {}
     for s in sorted(cands, key=lambda s: (s.hit_index, s.start)):
         by_hit.setdefault(s.hit_index, []).append(s)
+    place = {id(s): i for siblings in by_hit.values() for i, s in enumerate(siblings)}
     rows = []
     for rank, (s, b) in enumerate(zip(cands, bm25)):
-        siblings = by_hit[s.hit_index]
-        i = siblings.index(s)
+        siblings, i = by_hit[s.hit_index], place[id(s)]
         text = s.text.strip()
         words = len(text.split())
         number = bool(DIGIT.search(text))
@@ -217,7 +213,10 @@ def train_ranker(col, rows: Sequence[dict], *, k: int, mode: str, c: float = 1.0
                                     for r in rows).encode()).hexdigest()
     ranker = LearnedRanker([float(w) for w in model.coef_[0]], float(model.intercept_[0]), mean.tolist(), scale.tolist(),
                            col.config.embedding_model)
-    fixed = lambda q, ranked: [s.score for s in candidates(ranked)]  # noqa: E731 - the fixed mix, as ranked
+
+    def fixed(question: str, ranked: list[Sentence]) -> list[float]:  # the fixed mix, as ranked
+        return [s.score for s in candidates(ranked)]
+
     manifest = {"collection": col.name, "rows": len(rows), "questions_used": len(with_positive), "pairs": int(len(y)),
                 "positives": int(y.sum()), "c": c, "k": k, "search_mode": mode, "data_sha256": digest,
                 "top1_fixed": round(_top1(with_positive, fixed), 4),

@@ -176,7 +176,7 @@ def classify_cmd(
 
 def tune_retriever_cmd(
     collection: str = typer.Option(..., "--collection", "-c", help="collection whose embedder is tuned (its documents hold the answers)"),
-    questions: Path = typer.Option(..., "--questions", help="JSONL with question, doc, span (corpora/corvida/qa format)"),
+    questions: Path = typer.Option(..., "--questions", help="JSONL with question, answer, doc, span (corpora/corvida/qa format)"),
     name: str = typer.Option(..., "--name", help="saved as <home>/retrievers/NAME (a sentence-transformers folder + ragtune.json)"),
     epochs: float = typer.Option(1.0, "--epochs", help="passes over the (question, chunk) pairs"),
     batch_size: int = typer.Option(16, "--batch-size", help="pairs per batch: the other rows' chunks are each row's negatives"),
@@ -194,33 +194,14 @@ def tune_retriever_cmd(
     then use it: ragtune reindex corvida --model <home>/retrievers/corvida-minilm
     """
     from core.workspace import ragtune_home
+    from serving.ab.runner import load_questions
     from tuning.recipes.retriever import train_retriever
 
-    rows = _question_rows(questions, "questions JSONL with question, doc, span")
+    rows = load_questions(questions)
     manifest = train_retriever(ragtune_home(home), collection, rows, name, epochs, batch_size, learning_rate, max_steps,
                                positives=positives, echo=(lambda *_: None) if as_json else typer.echo)
     if as_json:
         _emit(manifest)
-
-
-def _question_rows(path: Path, what: str) -> list[dict]:
-    if not path.exists():
-        raise typer.BadParameter(f"{path}: file not found ({what})")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise typer.BadParameter(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8 JSONL") from None
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise typer.BadParameter(f"{path}, row {n}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise typer.BadParameter(f"{path}, row {n}: expected an object with question and answer")
-            rows.append(row)
-    return rows
 
 
 def tune_ranker_cmd(
@@ -237,27 +218,19 @@ def tune_ranker_cmd(
     The assistant then orders evidence sentences with it (ServeConfig evidence_ranker=auto, the default).
     Example: ragtune tune-ranker -c corvida --questions corpora/corvida/qa/train.jsonl
     """
-    from rag.collection import Workspace
-    from rag.errors import CollectionError
-    from serving.config import ServeConfig
-    from serving.ranker import RankerError, ranker_path, train_ranker
     from core.workspace import ragtune_home
+    from rag.collection import Workspace
+    from serving.ab.runner import load_questions
+    from serving.config import ServeConfig
+    from serving.ranker import ranker_path, train_ranker
 
-    try:
-        col = Workspace(ragtune_home(home)).get(collection)
-    except CollectionError as exc:
-        raise typer.BadParameter(str(exc)) from None
+    col = Workspace(ragtune_home(home)).get(collection)
     if if_missing and ranker_path(col).exists():
         typer.echo(f"{ranker_path(col)} exists; kept (drop --if-missing to retrain)")
         return
-    rows = _question_rows(questions, "questions JSONL with question and answer")
-    dev_rows = _question_rows(dev, "dev questions JSONL") if dev else []
     cfg = ServeConfig()
-    try:
-        manifest = train_ranker(col, rows, k=cfg.k, mode=cfg.search_mode, c=c, dev_rows=dev_rows,
-                                echo=(lambda *_: None) if as_json else typer.echo)
-    except RankerError as exc:
-        raise typer.BadParameter(str(exc)) from None
+    manifest = train_ranker(col, load_questions(questions), k=cfg.k, mode=cfg.search_mode, c=c,
+                            dev_rows=load_questions(dev) if dev else (), echo=(lambda *_: None) if as_json else typer.echo)
     if as_json:
         _emit(manifest)
 

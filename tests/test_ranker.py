@@ -47,6 +47,17 @@ def ranked_home(tmp_path_factory):
     return home, questions[:40], questions[40:]  # train: the first 10 products; held out: the last 4
 
 
+def trained(home: Path, train: list[dict]):
+    """The collection, with its ranker learned (when an earlier test in this module has not already)."""
+    from rag.collection import Workspace
+    from serving.ranker import ranker_path, train_ranker
+
+    col = Workspace(home).get("pumps")
+    if not ranker_path(col).exists():
+        train_ranker(col, train, k=4, mode="hybrid", echo=lambda _: None)
+    return col
+
+
 def test_a_learned_ranker_beats_the_fixed_mix_on_held_out_questions_and_is_saved(ranked_home):
     from rag.collection import Workspace
     from serving.ranker import FILE, load_ranker, train_ranker
@@ -71,12 +82,10 @@ def test_the_assistant_orders_evidence_with_the_collections_ranker(ranked_home, 
     from rag.collection import Workspace
     from serving.assistant import Assistant
     from serving.config import ConfigError, ServeConfig
-    from serving.ranker import ranker_path, train_ranker
 
     home, train, held_out = ranked_home
     ws = Workspace(home)
-    if not ranker_path(ws.get("pumps")).exists():
-        train_ranker(ws.get("pumps"), train, k=4, mode="hybrid", echo=lambda _: None)
+    trained(home, train)
     row = held_out[0]
     learned = Assistant(ws, serving_generator, ServeConfig(evidence_sentences=1, max_new_tokens=2))
     answer = learned.answer(row["question"], "rag", "pumps", log=False)
@@ -91,14 +100,11 @@ def test_the_assistant_orders_evidence_with_the_collections_ranker(ranked_home, 
 
 
 def test_a_ranker_file_that_does_not_fit_is_ignored_with_a_warning_and_bad_input_is_refused(ranked_home, tmp_path):
-    from rag.collection import Workspace
     from serving.ranker import FEATURES, RankerError, load_ranker, ranker_path, train_ranker
 
     home, train, _ = ranked_home
-    col = Workspace(home).get("pumps")
+    col = trained(home, train)
     path = ranker_path(col)
-    if not path.exists():
-        train_ranker(col, train, k=4, mode="hybrid", echo=lambda _: None)
     good = path.read_text(encoding="utf-8")
     try:
         for i, (broken, needle) in enumerate((("{not json", "fixed evidence mix"),
@@ -118,8 +124,7 @@ def test_a_ranker_file_that_does_not_fit_is_ignored_with_a_warning_and_bad_input
 
 
 def test_tune_ranker_cli_names_a_bad_row_and_keeps_an_existing_ranker(ranked_home, tmp_path):
-    from rag.collection import Workspace
-    from serving.ranker import ranker_path, train_ranker
+    from serving.ranker import ranker_path
 
     home, train, _ = ranked_home
     env = {**os.environ, "RAGTUNE_HOME": str(home)}
@@ -127,11 +132,13 @@ def test_tune_ranker_cli_names_a_bad_row_and_keeps_an_existing_ranker(ranked_hom
     bad.write_text(json.dumps(train[0]) + "\n{oops\n", encoding="utf-8")
     out = subprocess.run([RAGTUNE, "tune-ranker", "-c", "pumps", "--questions", str(bad)], capture_output=True, text=True,
                          env=env, timeout=300)
-    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
-    assert "bad.jsonl, row 2: not valid JSON" in " ".join(out.stderr.split()), out.stderr
-    col = Workspace(home).get("pumps")
-    if not ranker_path(col).exists():
-        train_ranker(col, train, k=4, mode="hybrid", echo=lambda _: None)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().startswith("error: ") and "bad.jsonl, row 2: not valid JSON" in out.stderr, out.stderr
+    (tmp_path / "latin1.jsonl").write_bytes('{"question": "Qu\u00e9?", "answer": "1"}\n'.encode("latin-1"))
+    wrong = subprocess.run([RAGTUNE, "tune-ranker", "-c", "pumps", "--questions", str(tmp_path / "latin1.jsonl")],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert wrong.returncode == 1 and "latin1.jsonl: not UTF-8 text" in wrong.stderr, wrong.stderr
+    col = trained(home, train)
     before = ranker_path(col).read_bytes()
     good = tmp_path / "good.jsonl"
     good.write_text("".join(json.dumps(r) + "\n" for r in train), encoding="utf-8")

@@ -68,7 +68,11 @@ def load_questions(path: str | Path) -> list[dict[str, Any]]:
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"{path}: question file not found")
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8 JSONL") from None
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
