@@ -26,7 +26,10 @@ token F1 and the median length stand beside it, and ``--samples FILE`` writes ev
 ``--quick``: the first 40 test questions + every unanswerable test row, 30 unseen, rag and rag+ft.
 ``--split dev``: ``qa/dev.jsonl`` instead (choosing options; the test sets are then not read), plus one
 synthetic unanswerable row per answerable dev row: the same question with its source document kept out
-of retrieval.
+of retrieval. ``--split dev-para``: ``qa/dev_paraphrased.jsonl`` (written for choosing options the way the
+test set asks: one user-worded paraphrase of each dev fact, without the documents' codes and wording, and
+16 hand-written questions the documents do not answer, checked against them with grep); metrics
+prefixed ``dev_para_``.
 """
 
 from __future__ import annotations
@@ -179,7 +182,7 @@ def main() -> None:
     parser.add_argument("--adapter", default=None, help="adapter for the rag+ft figures (skipped without one)")
     parser.add_argument("--covid-adapter", default=None, help="adapter for covid_ragft_token_f1")
     parser.add_argument("--covid-questions", type=Path, default=REPO / "data" / "covidqa" / "test.jsonl")
-    parser.add_argument("--split", choices=["test", "dev"], default="test")
+    parser.add_argument("--split", choices=["test", "dev", "dev-para"], default="test")
     parser.add_argument("--limit", type=int, default=0, help="first N rows of each set (0 = as --quick/full say; "
                         "dev: of qa/dev.jsonl, each with its synthetic unanswerable row)")
     parser.add_argument("--set", action="append", default=[], help="ragtune arm option key=value (ServeConfig), repeatable")
@@ -207,6 +210,8 @@ def main() -> None:
     modes = [m for m in args.modes.split(",") if m == "rag" or (m == "rag+ft" and args.adapter)]
     if args.split == "dev":
         sets = {"dev": dev_rows(args.limit)}  # the limit before the synthetic rows: both kinds stay in
+    elif args.split == "dev-para":
+        sets = {"dev-para": load(QA / "dev_paraphrased.jsonl")[:args.limit or None]}
     else:
         test = load(QA / "test.jsonl")
         unseen = load(QA / "unseen.jsonl")
@@ -237,8 +242,8 @@ def main() -> None:
     config_note["learned_ranker"] = ({k: learned.manifest.get(k) for k in ("rows", "questions_used", "c", "data_sha256", "created")}
                                      if learned else None)
     print(json.dumps({"bench": "quality", "config": config_note}), flush=True)
-    main_set = "dev" if args.split == "dev" else "test"
-    prefix = "dev" if args.split == "dev" else "demo"
+    main_set = args.split
+    prefix = {"dev": "dev", "dev-para": "dev_para"}.get(args.split, "demo")
 
     def both(set_name, mode):
         return results.get((set_name, mode, "baseline")), results.get((set_name, mode, "ragtune"))

@@ -404,6 +404,43 @@ def test_question_counts():
     _check(problems, "question counts")
 
 
+def test_paraphrased_dev_split():
+    """qa/dev_paraphrased.jsonl: each answerable row re-words one dev.jsonl row (same answer, document and
+    span; another question, found in no other split), each other row is a hand-written unanswerable one."""
+    dev = {row["id"]: row for _, row in load_jsonl(QA / "dev.jsonl")}
+    others = {row.get("question", "").strip().lower() for _, _, row in all_qa() if isinstance(row, dict)}
+    others |= {row["question"].strip().lower() for row in dev.values()}
+    used = {row.get("id") for _, _, row in all_qa() if isinstance(row, dict)}
+    problems, ids, paraphrased, unanswerable = [], set(), 0, 0
+    path = QA / "dev_paraphrased.jsonl"
+    for lineno, row in load_jsonl(path):
+        name = row_name(path, lineno, row)
+        if row.get("id") in ids or row.get("id") in used:
+            problems.append(f"{name}: id {row.get('id')!r} is not unique")
+        ids.add(row.get("id"))
+        if not isinstance(row.get("question"), str) or not row["question"].strip():
+            problems.append(f"{name}: 'question' must be a non-empty string")
+            continue
+        if row["question"].strip().lower() in others:
+            problems.append(f"{name}: the question is copied from another split")
+        if row.get("kind") == "unanswerable":
+            unanswerable += 1
+            if row.get("answer") != UNANSWERABLE or row.get("doc") is not None or row.get("span") is not None:
+                problems.append(f"{name}: an unanswerable row has answer {UNANSWERABLE!r}, doc and span null")
+            continue
+        source = dev.get(row.get("paraphrase_of"))
+        if source is None:
+            problems.append(f"{name}: paraphrase_of {row.get('paraphrase_of')!r} is not a dev.jsonl id")
+            continue
+        paraphrased += 1
+        for field in ("answer", "doc", "span", "kind"):
+            if row.get(field) != source.get(field):
+                problems.append(f"{name}: {field} {row.get(field)!r} differs from {source['id']}'s {source.get(field)!r}")
+    if paraphrased < 30 or unanswerable < 10:
+        problems.append(f"{_rel(path)}: {paraphrased} paraphrases and {unanswerable} unanswerable rows, need >= 30 and >= 10")
+    _check(problems, "paraphrased dev split")
+
+
 # --------------------------------------------------------------------------- instructions
 
 
