@@ -14,7 +14,8 @@ Metrics (names fixed by issue 4):
   concurrent_engine_seconds (where the engine thread's time went, sequential and concurrent: prefill,
   decode forwards, token choice, batch edits, not in the engine); ``--only concurrent`` runs these alone;
 - batch_decode_tokens_per_s: aggregate decode tokens/s of 8 rows decoding together / 1 row (issue 12);
-- adapter_mix_overhead: time per decode step of 8 rows with 4 different adapters / 8 rows with one;
+- adapter_mix_overhead: time per decode step of 8 rows with 4 different adapters / 8 rows with one
+  (``--only batching`` runs this and batch_decode_tokens_per_s alone);
 - ab_run_speedup: an A/B run (all four arms) with 8 answers at once / the same run one answer at a time;
 - http_*: the same generator behind ``ragtune serve``'s server on localhost (streamed chat completions
   read with the standard library), baseline = the generator called in-process, so each ratio is what
@@ -83,9 +84,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer tokens and questions (same metrics)")
     parser.add_argument("--home", type=Path, default=None, help="workspace to use (default: a temp folder; the demo corpus is indexed into it)")
-    parser.add_argument("--only", choices=("all", "http", "concurrent"), default="all",
+    parser.add_argument("--only", choices=("all", "http", "concurrent", "batching"), default="all",
                         help="http: only the http_* figures (what the server adds), e.g. to compare two server versions; "
-                             "concurrent: only the concurrent_* figures, with where the engine's time went")
+                             "concurrent: only the concurrent_* figures, with where the engine's time went; "
+                             "batching: only batch_decode_tokens_per_s and adapter_mix_overhead")
     parser.add_argument("--adapter", default=None, help="adapter for the switch and rag+ft figures (default: an untrained one made here)")
     args = parser.parse_args()
     new_tokens = 32 if args.quick else 64
@@ -120,6 +122,10 @@ def main() -> None:
     eight = [(questions[i % len(questions)], adapter if i % 2 else None) for i in range(8)]
     if args.only == "http":
         http_figures(gen, adapter, new_tokens, concurrent_tokens, eight)
+        tmp.cleanup()
+        return
+    if args.only == "batching":
+        batching_figures(gen, ws, adapter, new_tokens)
         tmp.cleanup()
         return
     if args.only == "concurrent":
@@ -202,6 +208,40 @@ def main() -> None:
          prompt_tokens_p50=statistics.median(prompt_tokens), questions=len(questions))
 
     # 3. batching: 8 rows decoding together vs 1 row; 4 adapters mixed in the 8 vs one adapter
+    batching_figures(gen, ws, adapter, new_tokens)
+
+    # 4. eight concurrent asks (rag, and rag+ft for every other one) vs the same eight in sequence
+    concurrent_figures(assistant, gen, eight, concurrent_tokens)
+
+    # 5. an A/B run (four arms) with 8 answers at once vs one at a time. Each run must compute every answer:
+    # the answer cache is keyed by the config's hash, so each gets a config with its own seed (greedy
+    # decoding ignores the seed), and nothing stored in the workspace is touched
+    from serving.ab.runner import ABConfig, run_ab
+
+    ab_questions = 4 if args.quick else 16
+    qfile = Path(tmp.name) / "ab-questions.jsonl"
+    rows = [json.loads(l) for l in QUESTIONS.read_text(encoding="utf-8").splitlines() if l.strip()][:ab_questions]
+    qfile.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    seconds = {}
+    fresh = time.time_ns() % 10**9
+    for concurrency in (1, 8):
+        runner = Assistant(ws, gen, ServeConfig(k=4, max_new_tokens=concurrent_tokens, seed=fresh + concurrency))
+        config = ABConfig(questions=str(qfile), collection="corvida", adapter=adapter, name=f"bench-c{concurrency}-{fresh}",
+                          max_new_tokens=concurrent_tokens, concurrency=concurrency)
+        summary = run_ab(runner, config)
+        assert summary["reused"] == 0, summary
+        seconds[concurrency] = summary["seconds"]
+    line("ab_run_speedup", seconds[1] / seconds[8], "x", ">= 2.5", baseline=seconds[1], ragtune=seconds[8],
+         answers=ab_questions * 4, baseline_is="the same run with concurrency=1 (one answer at a time)")
+    http_figures(gen, adapter, new_tokens, concurrent_tokens, eight)
+    tmp.cleanup()
+
+
+def batching_figures(gen, ws, adapter: str, new_tokens: int) -> None:
+    """8 rows decoding together vs 1 row (batch_decode_tokens_per_s), and 8 rows with 4 different adapters vs
+    8 rows with one (adapter_mix_overhead)."""
+    from serving.generation import GenerationParams
+
     adapters = [adapter] + [f"bench-random-{i}" for i in range(1, 4)]
     for name in adapters[1:]:
         if not ws.layout.adapter_dir(name).exists():
@@ -246,32 +286,6 @@ def main() -> None:
     mixed = min(decode_together([adapters[i % 4] for i in range(8)])[1] for _ in range(2))
     line("adapter_mix_overhead", mixed / same, "x", "<= 1.3", baseline=round(same * 1000, 2), ragtune=round(mixed * 1000, 2),
          unit_detail="ms per decode step", baseline_is="8 rows, one adapter")
-
-    # 4. eight concurrent asks (rag, and rag+ft for every other one) vs the same eight in sequence
-    concurrent_figures(assistant, gen, eight, concurrent_tokens)
-
-    # 5. an A/B run (four arms) with 8 answers at once vs one at a time. Each run must compute every answer:
-    # the answer cache is keyed by the config's hash, so each gets a config with its own seed (greedy
-    # decoding ignores the seed), and nothing stored in the workspace is touched
-    from serving.ab.runner import ABConfig, run_ab
-
-    ab_questions = 4 if args.quick else 16
-    qfile = Path(tmp.name) / "ab-questions.jsonl"
-    rows = [json.loads(l) for l in QUESTIONS.read_text(encoding="utf-8").splitlines() if l.strip()][:ab_questions]
-    qfile.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    seconds = {}
-    fresh = time.time_ns() % 10**9
-    for concurrency in (1, 8):
-        runner = Assistant(ws, gen, ServeConfig(k=4, max_new_tokens=concurrent_tokens, seed=fresh + concurrency))
-        config = ABConfig(questions=str(qfile), collection="corvida", adapter=adapter, name=f"bench-c{concurrency}-{fresh}",
-                          max_new_tokens=concurrent_tokens, concurrency=concurrency)
-        summary = run_ab(runner, config)
-        assert summary["reused"] == 0, summary
-        seconds[concurrency] = summary["seconds"]
-    line("ab_run_speedup", seconds[1] / seconds[8], "x", ">= 2.5", baseline=seconds[1], ragtune=seconds[8],
-         answers=ab_questions * 4, baseline_is="the same run with concurrency=1 (one answer at a time)")
-    http_figures(gen, adapter, new_tokens, concurrent_tokens, eight)
-    tmp.cleanup()
 
 
 def concurrent_figures(assistant, gen, eight: list, concurrent_tokens: int) -> None:

@@ -173,3 +173,43 @@ def test_engine_accounts_where_its_time_goes(serving_generator):
     assert 0 < spent["prefill_tokens"] <= len(gen.render(messages)), spent
     assert spent["prefill"] > 0 and spent["choose"] > 0 and spent["batch_edit"] > 0, spent
     assert stream.completion_tokens < 2 or spent["decode_forward"] > 0, spent
+
+
+def test_per_row_lora_equals_peft_and_refuses_what_it_cannot_apply(serving_home, fp32_generator, tmp_path):
+    """The engine applies adapters itself (serving.generation.lora, no peft at serving time): a row with
+    adapter 'alpha' decodes greedily what peft's own PeftModel.generate gives with the same adapter on the
+    same fp32 base, and differs from the base. Adapter folders it cannot reproduce are refused with why."""
+    import shutil
+
+    import torch
+
+    from serving.generation.lora import LoraError, LoraSet
+    from tuning.adapters import adapter_dir, load_for_inference
+
+    gen = fp32_generator
+    messages = [{"role": "user", "content": "Name three colours."}]
+    ids = gen.render(messages)
+    ours = gen.stream(messages, "alpha", GenerationParams(max_new_tokens=12, repetition_penalty=1.0)).text()
+    base = gen.stream(messages, None, GenerationParams(max_new_tokens=12, repetition_penalty=1.0)).text()
+    model, tokenizer, _ = load_for_inference(serving_home, "alpha", device="cpu")
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, repetition_penalty=1.0,
+                             pad_token_id=tokenizer.eos_token_id)
+    assert ours == tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+    assert ours != base
+
+    folder = tmp_path / "dora"
+    shutil.copytree(adapter_dir(serving_home, "alpha"), folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    lora = LoraSet(torch.nn.Module())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(LoraError, match="DoRA"):
+        lora.load("k", folder)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    (folder / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(LoraError, match="cannot be read"):
+        lora.load("k", folder)
+    (folder / "adapter_model.safetensors").rename(folder / "adapter_model.bin")
+    with pytest.raises(LoraError, match="safetensors"):
+        lora.load("k", folder)
+    assert not lora.layers and not lora.loaded  # nothing half-loaded

@@ -1,7 +1,8 @@
 """The local engine: one base model in this process, any number of LoRA adapters, every caller batched.
 
 :class:`LocalGenerator` loads the base model once (``tuning.models``), quantizes its linear layers to
-int8 on CPU (``serving.generation.int8``), loads peft adapters by name from the registry on first use,
+int8 on CPU (``serving.generation.int8``), loads LoRA adapters by name from the registry on first use
+(``serving.generation.lora``: applied per row, without peft),
 and hands every request to one :class:`~serving.generation.scheduler.BatchScheduler`: the chat, ``ragtune
 ask``, the A/B runner, the arena and ``ragtune serve`` share one batch in which each row has its own
 adapter (or none), its own sampling settings and its own logits processors.
@@ -26,6 +27,7 @@ from typing import Any
 
 from serving.config import ServingError
 from serving.generation.int8 import quantize_int8
+from serving.generation.lora import LoraError, LoraSet
 from serving.generation.scheduler import BASE_ROW, BatchScheduler, Request, read_pieces
 from serving.generation.types import GenerationParams, TokenStream
 
@@ -36,7 +38,7 @@ DEFAULT_KV_CACHE_TOKENS = 32768  # ~1.5 GB of fp32 KV for SmolLM2-135M (46 KB pe
 @dataclass
 class LoadedAdapter:
     name: str
-    key: str  # peft adapter name (module dict keys cannot contain '.')
+    key: str  # the engine's key for this version of the adapter (name + created)
     folder: str
     created: str | None
     loaded_s: float
@@ -94,9 +96,9 @@ class LocalGenerator:
             eos_ids.add(self.tokenizer.eos_token_id)
         self.eos_ids = eos_ids
         self._lock = threading.RLock()  # the model: the engine holds it per step, adapter loading per load
-        self._peft = None  # the PeftModel once an adapter is loaded
+        self._lora = LoraSet(self.model)  # per-row LoRA layers, wrapped as adapters that need them are loaded
         self._adapters: dict[str, LoadedAdapter] = {}
-        self._stale: set[str] = set()  # peft keys of replaced adapters, deleted once no row uses them
+        self._stale: set[str] = set()  # keys of replaced adapters, deleted once no row uses them
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self._prefix_ids: dict[str, tuple[int, ...]] = {}
         self.name = self.base_id
@@ -146,35 +148,15 @@ class LocalGenerator:
             started = time.perf_counter()
             key = "a_" + hashlib.sha1(f"{name}\0{created}".encode()).hexdigest()[:12]
             try:
-                if self._peft is None:
-                    from peft import PeftModel
-
-                    self._peft = PeftModel.from_pretrained(self.model, str(folder), adapter_name=key, is_trainable=False)
-                    self._peft.eval()
-                else:
-                    self._peft.load_adapter(str(folder), adapter_name=key, is_trainable=False)
-            except (OSError, ValueError, KeyError, RuntimeError) as exc:
-                raise ServingError(f"adapter {name!r} could not be loaded ({exc}); retrain it or remove it with "
+                self._lora.load(key, folder)
+            except (OSError, LoraError, RuntimeError) as exc:
+                raise ServingError(f"adapter {name!r} could not be loaded: {exc}; retrain it or remove it with "
                                    f"`ragtune adapters rm {name}`") from None
-            self._lora_to_float64(key)
             if loaded is not None:  # retrained: the old weights go once no running row uses them
                 self._stale.add(loaded.key)
             record = LoadedAdapter(name, key, str(folder), created, time.perf_counter() - started)
             self._adapters[name] = record
             return record
-
-    def _lora_to_float64(self, key: str) -> None:
-        """Keep adapter ``key``'s LoRA matrices in float64 (peft casts each row group to their dtype and the
-        result back). In float32 the tiny LoRA products round differently for 1 row and for a group of rows
-        (other matrix kernels); the int8 layers downstream then quantize a value one step apart and a greedy
-        answer can change with its neighbours. In float64 the difference stays far below float32's last bit.
-        The cost is small: rank-r products on a few rows."""
-        from peft.tuners.lora import LoraLayer
-
-        for module in self.model.modules():
-            if isinstance(module, LoraLayer) and key in module.lora_A:
-                module.lora_A[key].double()
-                module.lora_B[key].double()
 
     def unload_adapter(self, name: str) -> None:
         with self._lock:
@@ -186,15 +168,9 @@ class LocalGenerator:
         return sorted(self._adapters)
 
     def _drop_stale(self, in_use: set[str]) -> None:
-        """Delete replaced adapters that no request uses any more (the engine calls this with the lock held).
-        peft keeps at least one adapter loaded: the last one stays in memory, unused."""
-        if not self._stale or self._peft is None:
-            return
+        """Delete replaced adapters that no request uses any more (the engine calls this with the lock held)."""
         for key in sorted(self._stale - in_use):
-            remaining = [k for k in self._peft.peft_config if k != key]
-            if remaining:
-                self._peft.base_model.set_adapter(remaining[0], inference_mode=True)
-                self._peft.delete_adapter(key)
+            self._lora.unload(key)
             self._stale.discard(key)
 
     # --- tokens -------------------------------------------------------------------------------
@@ -281,9 +257,7 @@ class LocalGenerator:
         if mask is not None and ids.shape[0] > 1:  # one row has no padding: the plain path is the same call
             kwargs["attention_mask"], kwargs["position_ids"] = mask, positions
             lengths = [int(n) + 1 for n in positions[:, 0].tolist()]  # keys per row, the new token included
-        with self._row_lengths(lengths):
-            if self._peft is not None:
-                return self._peft(input_ids=ids, adapter_names=adapters, **kwargs).logits[:, -1, :]
+        with self._row_lengths(lengths), self._lora.rows(adapters):
             return self.model(input_ids=ids, **kwargs).logits[:, -1, :]
 
 

@@ -11,8 +11,8 @@ and one decode step for every running row together.
 - Rows are left-padded to a common length inside one ``DynamicCache``; an attention mask hides the
   padding and each row's positions are its own. A request is prefilled alone (batch of one), then its
   cache is merged into the batch; rows that finish are dropped and all-padding columns trimmed.
-- Per-row adapters: peft's mixed-batch LoRA (``adapter_names=``: each LoRA layer groups the rows by
-  adapter on top of the shared int8 base); no global "active adapter".
+- Per-row adapters: each LoRA layer adds every row's own adapter on top of the shared int8 base
+  (``serving.generation.lora``); no global "active adapter".
 - Context-aware decoding's question-only prompt is one more row of the same request.
 - The KV bound (``kv_cache_tokens``) is checked on the padded layout: rows x the longest final length.
   A request that could never fit is refused at once; one that does not fit now waits (``queued_s``).
@@ -34,7 +34,7 @@ from serving.config import ServingError
 from serving.generation.types import GenerationParams, StopStringBuffer, TokenStream
 
 PREFILL_SLICE = 256  # prompt tokens per prefill forward pass: bounds how long one request stalls the batch
-BASE_ROW = "__base__"  # peft's adapter name for a row without adapter in a mixed batch
+BASE_ROW = "__base__"  # the row key of a row without adapter (no adapter is loaded under it)
 MIN_PREFIX = 16  # shorter shared prefixes are not worth a cache entry
 PREFIX_ENTRIES = 8
 _END = object()
