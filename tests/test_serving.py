@@ -134,8 +134,13 @@ def test_unrelated_question_gets_dont_know(serving_assistant):
 
 def test_ft_modes_and_follow_up(serving_assistant):
     a = serving_assistant
-    ft = a.answer("Name a colour.", "ft", adapter="alpha")
-    base = a.answer("Name a colour.", "base")
+    # the random test adapter moves the logits a little: for one prompt its greedy text can equal the base's
+    # on a given CPU ("Name a colour." did on an AVX-512 machine), so it must differ on one of a few
+    for question in ("Name a colour.", "Name three colours.", "What is a heat pump?", "Write a haiku about snow."):
+        ft = a.answer(question, "ft", adapter="alpha")
+        base = a.answer(question, "base")
+        if ft.text != base.text:
+            break
     assert ft.adapter == "alpha" and not ft.sources and ft.text != base.text
     both = a.answer(FLOW_Q, "rag+ft", "corvida", "beta")
     assert both.adapter == "beta" and any("minimum-flow" in s.doc for s in both.sources)
