@@ -154,6 +154,41 @@ def data_raft(
                f"rejected (quote not in oracle) {report.rejected_quote}, unknown documents {report.skipped_unknown_doc}")
 
 
+@data_app.command("evidence")
+def data_evidence(
+    collection: str = typer.Option(..., "--collection", "-c", help="indexed collection the questions are answered from"),
+    questions: Path = typer.Option(..., "--questions", help="JSONL with question and answer (corpora/corvida/qa format)"),
+    out: Path = typer.Option(..., "--out", help="output JSONL (qa rows with context, the layout rag serves)"),
+    sentences: str = typer.Option("1", "--sentences", help="evidence sentences per prompt, one layout or several: 1 or 1,2,3"),
+    settings: List[str] = typer.Option([], "--set", help="serving option key=value the rows follow (k, search_mode, "
+                                                          "evidence_ranker, evidence_window_tokens, ...), repeatable"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+    home: Optional[str] = _HOME,
+) -> None:
+    """Build reader rows in the evidence layout: the best sentences of the retrieved chunks, exactly as rag
+    serves them, -> the short answer; only rows whose evidence holds the answer.
+
+    Example: ragtune data evidence -c corvida --questions corpora/corvida/qa/train_nodev.jsonl --out evidence.jsonl --sentences 1,2,3
+    """
+    from core.config import load_config
+    from serving.config import ServeConfig
+    from serving.evidence_rows import write_evidence_rows
+
+    try:
+        counts = [int(x) for x in sentences.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--sentences {sentences!r}: give counts like 1 or 1,2,3") from None
+    config = load_config(ServeConfig, None, list(settings))
+    report = write_evidence_rows(home, collection, questions, out, counts, config,
+                                 echo=lambda m: typer.echo(m, err=True))
+    if as_json:
+        _emit(report.to_dict())
+        return
+    typer.echo(f"{report.written} rows -> {report.out} (per layout {report.per_layout}, ranker {report.ranker}); skipped: "
+               f"answer not in the evidence {report.skipped_answer_not_shown}, unanswerable {report.skipped_unanswerable}, "
+               f"yes/no {report.skipped_yes_no}")
+
+
 def classify_cmd(
     text: List[str] = typer.Argument(..., help="text(s) to classify"),
     adapter: str = typer.Option(..., "--adapter", help="a classification adapter (task=classification)"),

@@ -243,3 +243,48 @@ def test_rag_ft_reads_with_its_own_options(serving_home, serving_generator):
         ServeConfig(ragft_evidence_sentences=41)
     with pytest.raises(ConfigError, match="ragft_grounded_spans"):
         ServeConfig(ragft_grounded_spans=-1)
+
+
+def test_evidence_rows_follow_the_layout_rag_serves(serving_home, serving_generator, tmp_path):
+    """`ragtune data evidence` rows: for N evidence sentences, a row's context is exactly the sources the assistant
+    puts into its prompt with evidence_sentences=N (same retrieval, ranking and window), its target the short
+    answer, which the evidence holds; unanswerable questions and yes/no answers are skipped and counted."""
+    import json
+
+    from rag.collection import Workspace
+    from serving.config import ServingError
+    from serving.evidence_rows import build_evidence_rows, write_evidence_rows
+    from tests.conftest import CORPORA, SERVING_DOCS
+    from tuning.raft import SYSTEM_RAG, format_source, holds_answer
+
+    train = [json.loads(x) for x in (CORPORA / "corvida" / "qa" / "train.jsonl").read_text().splitlines() if x.strip()]
+    questions = [r for r in train if r.get("doc") in SERVING_DOCS and r["answer"].lower() not in ("yes", "no")][:5]
+    questions += [{"id": "u1", "question": "How many parking spaces are there?", "answer": "The knowledge base does not say.",
+                   "kind": "unanswerable", "doc": None},
+                  {"id": "y1", "question": "Is the HX-14 flow rate checked at commissioning?", "answer": "yes",
+                   "doc": SERVING_DOCS[2]}]
+    gen = serving_generator
+    col = Workspace(serving_home).get("corvida")
+    rows, report = build_evidence_rows(col, questions, (1, 2), ServeConfig(), gen.count_tokens, gen.truncate_tokens,
+                                       echo=lambda message: None)
+    assert report.skipped_unanswerable == 1 and report.skipped_yes_no == 1 and report.questions == 7
+    assert report.written == len(rows) == sum(report.per_layout.values()) and set(report.per_layout) <= {1, 2}
+    assert len(rows) + report.skipped_answer_not_shown == 2 * 5 and len(rows) >= 4
+    for row in rows:
+        n = row["evidence_sentences"]
+        assistant = make_assistant(serving_home, gen, evidence_sentences=n, evidence_window_tokens=8,
+                                   source_tokens=ServeConfig().source_tokens)
+        answer = assistant.answer(row["question"], "rag", "corvida", log=False, max_new_tokens=1)
+        served = "Sources:\n" + "\n\n".join(format_source(s.n, s.doc, s.text, (s.metadata or {}).get("section"))
+                                           for s in answer.sources)
+        assert row["context"] == served and len(answer.sources) == n
+        assert holds_answer(row["context"], row["answer"]) and row["system"] == SYSTEM_RAG
+    source, out = tmp_path / "questions.jsonl", tmp_path / "rows.jsonl"
+    source.write_text("".join(json.dumps(q) + "\n" for q in questions[:2]))
+    with pytest.raises(ServingError, match="counts from 1 to 40"):
+        write_evidence_rows(serving_home, "corvida", source, out, [0])
+    assert not out.exists()
+    report = write_evidence_rows(serving_home, "corvida", source, out, [1])
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == [r["id"] for r in rows if r["id"].endswith("-e1")
+                                                                           and r["id"][:-3] in {q["id"] for q in questions[:2]}]
+    assert report.out == str(out)
