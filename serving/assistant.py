@@ -284,15 +284,11 @@ class Assistant:
                 answer.sources = [self._source(n, h) for n, h in enumerate(hits, start=1)]
                 return AnswerStream(self, answer, None, started, chat_id, log)
             if cfg.evidence_sentences or cfg.abstain_threshold > 0:
-                from serving.evidence import evidence_sources, rank_sentences, support_score
-                from serving.ranker import load_ranker
+                from serving.evidence import evidence_sources, support_score
+                from serving.ranker import rank_evidence
 
                 t0 = time.perf_counter()
-                ranked = rank_sentences(question, hits, col.embedder.embed_batch, skip_questions=cfg.evidence_skip_questions)
-                learned = load_ranker(col) if cfg.evidence_ranker == "auto" else None
-                if learned is not None:
-                    ranked = learned.rerank(question, ranked)
-                ranker = "learned" if learned is not None else "fixed"
+                ranked, ranker = rank_evidence(col, question, hits, cfg.evidence_skip_questions, cfg.evidence_ranker)
                 answer.abstain_score = support_score(ranked, hits)
                 if cfg.evidence_sentences:
                     hits = evidence_sources(hits, ranked, cfg.evidence_sentences, cfg.evidence_window_tokens,

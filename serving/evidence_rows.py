@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from serving.config import ServeConfig, ServingError
-from serving.evidence import evidence_sources, rank_sentences
-from serving.prompts import build_messages
+from serving.evidence import evidence_sources
+from serving.prompts import build_messages, count_tokens, truncate_tokens
 
 
 @dataclass
@@ -49,29 +50,25 @@ def build_evidence_rows(col, questions: Sequence[dict], sentences: Sequence[int]
                         count: Callable[[str], int], truncate: Callable[[str, int], str],
                         echo: Callable[[str], None] = print) -> tuple[list[dict], EvidenceReport]:
     """Rows for every question and every N in ``sentences`` whose evidence holds the answer."""
-    from serving.ranker import load_ranker
+    from serving.ranker import rank_evidence
     from tuning.raft import holds_answer
 
     if not sentences or any(not 1 <= n <= 40 for n in sentences):
         raise ServingError(f"sentences: {list(sentences)}; give one or more counts from 1 to 40 (example: --sentences 1,2)")
     report = EvidenceReport()
-    learned = load_ranker(col) if config.evidence_ranker == "auto" else None
-    report.ranker = "learned" if learned is not None else "fixed"
     rows: list[dict] = []
     started = time.perf_counter()
     for i, q in enumerate(questions, 1):
         report.questions += 1
         question, answer = str(q.get("question", "")).strip(), str(q.get("answer", "")).strip()
-        if q.get("kind") == "unanswerable" or not q.get("doc") and not answer:
+        if q.get("kind") == "unanswerable" or not answer:
             report.skipped_unanswerable += 1
             continue
         if answer.lower().rstrip(".") in ("yes", "no"):
             report.skipped_yes_no += 1
             continue
         hits = col.search(question, k=config.k, mode=config.search_mode)
-        ranked = rank_sentences(question, hits, col.embedder.embed_batch, skip_questions=config.evidence_skip_questions)
-        if learned is not None:
-            ranked = learned.rerank(question, ranked)
+        ranked, report.ranker = rank_evidence(col, question, hits, config.evidence_skip_questions, config.evidence_ranker)
         for n in sentences:
             shown = evidence_sources(hits, ranked, n, config.evidence_window_tokens, count)
             if not any(holds_answer(h.text, answer) for h in shown):
@@ -110,15 +107,8 @@ def write_evidence_rows(home, collection: str, questions_file: str | Path, out: 
     workspace = Workspace(home)
     col = workspace.get(collection)
     tokenizer = load_tokenizer(resolve_base_model(config.base_model, workspace.home))
-
-    def count(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def truncate(text: str, n: int) -> str:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        return text if len(enc["input_ids"]) <= n else text[: enc["offset_mapping"][n - 1][1]]
-
-    rows, report = build_evidence_rows(col, questions, sentences, config, count, truncate, echo)
+    rows, report = build_evidence_rows(col, questions, sentences, config, partial(count_tokens, tokenizer),
+                                       partial(truncate_tokens, tokenizer), echo)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

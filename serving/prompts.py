@@ -53,6 +53,17 @@ class PromptPlan:
     source_texts: list[str] = field(default_factory=list)  # each source's text exactly as in the prompt (flattened)
 
 
+def count_tokens(tokenizer, text: str) -> int:
+    """Model tokens of ``text`` (no special tokens)."""
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def truncate_tokens(tokenizer, text: str, n: int) -> str:
+    """``text`` cut after its first ``n`` model tokens (unchanged when it has no more)."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return text if len(enc["input_ids"]) <= n else text[: enc["offset_mapping"][n - 1][1]]
+
+
 def is_follow_up(question: str) -> bool:
     """A question that refers back (pronoun, 'and ...', or too few content words to stand alone)."""
     q = question.strip().lower()

@@ -161,6 +161,18 @@ def load_ranker(col) -> LearnedRanker | None:
     return ranker
 
 
+def rank_evidence(col, question: str, hits: Sequence[Any], skip_questions: bool,
+                  ranker: str = "auto") -> tuple[list[Sentence], str]:
+    """The sentences of ``hits`` best first, as the assistant orders its evidence: the fixed mix
+    (:func:`serving.evidence.rank_sentences`), re-ranked by the collection's learned ranker when ``ranker`` is
+    ``auto`` and it has one that fits. Returns the sentences and which ranker ordered them (learned/fixed)."""
+    ranked = rank_sentences(question, hits, col.embedder.embed_batch, skip_questions=skip_questions)
+    learned = load_ranker(col) if ranker == "auto" else None
+    if learned is None:
+        return ranked, "fixed"
+    return learned.rerank(question, ranked), "learned"
+
+
 def _labelled(col, rows: Sequence[dict], k: int, mode: str, echo: Callable[[str], None]) -> list[tuple[dict, list[Sentence], list[bool]]]:
     """Each usable row with its ranked sentences, as the assistant would rank them."""
     from tuning.raft import holds_answer

@@ -3,7 +3,6 @@ decoding, evidence first and abstention (session fixtures from conftest: serving
 
 from __future__ import annotations
 
-
 import pytest
 
 from serving.config import ConfigError, ServeConfig

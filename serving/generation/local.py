@@ -30,6 +30,7 @@ from serving.generation.int8 import quantize_int8
 from serving.generation.lora import LoraError, LoraSet
 from serving.generation.scheduler import BASE_ROW, BatchScheduler, Request, read_pieces
 from serving.generation.types import GenerationParams, TokenStream
+from serving.prompts import count_tokens, truncate_tokens
 
 DEFAULT_MAX_ROWS = 16
 DEFAULT_KV_CACHE_TOKENS = 32768  # ~1.5 GB of fp32 KV for SmolLM2-135M (46 KB per token)
@@ -175,13 +176,10 @@ class LocalGenerator:
 
     # --- tokens -------------------------------------------------------------------------------
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return count_tokens(self.tokenizer, text)
 
     def truncate_tokens(self, text: str, n: int) -> str:
-        ids = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        if len(ids["input_ids"]) <= n:
-            return text
-        return text[: ids["offset_mapping"][n - 1][1]]
+        return truncate_tokens(self.tokenizer, text, n)
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         ids = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)

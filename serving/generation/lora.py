@@ -134,7 +134,11 @@ class LoraSet:
         self.plan: _Plan | None = None
         self._last: _Plan | None = None
         self.layers: dict[str, LoraRows] = {}  # module path -> wrapper
-        self.loaded: set[str] = set()
+
+    @property
+    def loaded(self) -> set[str]:
+        """Keys of the adapters whose matrices are in some layer."""
+        return {key for layer in self.layers.values() for key in layer.weights}
 
     @contextmanager
     def rows(self, keys: list[str]) -> Iterator[None]:
@@ -212,13 +216,11 @@ class LoraSet:
             staged.append((layer, a, b))
         for layer, a, b in staged:  # all checked: now visible
             layer.put(key, a, b)
-        self.loaded.add(key)
         return len(staged)
 
     def unload(self, key: str) -> None:
         for layer in self.layers.values():
             layer.drop(key)
-        self.loaded.discard(key)
 
 
 def unsupported(config: dict[str, Any]) -> str | None:
