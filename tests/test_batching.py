@@ -213,3 +213,46 @@ def test_per_row_lora_equals_peft_and_refuses_what_it_cannot_apply(serving_home,
     with pytest.raises(LoraError, match="safetensors"):
         lora.load("k", folder)
     assert not lora.layers and not lora.loaded  # nothing half-loaded
+
+
+def test_packed_int8_siblings_give_the_same_bits_as_separate_layers(serving_generator):
+    """q/k/v and gate/up are packed into one int8 matrix each (one fbgemm call): every layer's output,
+    alone and in a batch of rows, equals the separately quantized layer's bit for bit; the served model
+    really is packed (its q_proj, k_proj and v_proj share one group)."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    from serving.generation import int8
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = nn.Linear(96, 96), nn.Linear(96, 32), nn.Linear(96, 32)
+            self.gate_proj, self.up_proj, self.down_proj = (nn.Linear(96, 160, bias=False), nn.Linear(96, 160, bias=False),
+                                                            nn.Linear(160, 96, bias=False))
+
+        def forward(self, x):
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            return torch.cat([q, k, v], -1), self.down_proj(self.gate_proj(x) * self.up_proj(x))
+
+    torch.manual_seed(0)
+    packed = Block()
+    separate = copy.deepcopy(packed)
+    assert int8.quantize_int8(packed) == 6
+    saved, int8.FUSED = int8.FUSED, ()
+    try:
+        assert int8.quantize_int8(separate) == 6
+    finally:
+        int8.FUSED = saved
+    assert packed.q_proj.group is packed.k_proj.group is packed.v_proj.group
+    assert packed.gate_proj.group is packed.up_proj.group and not hasattr(separate.q_proj, "group")
+    with torch.inference_mode():
+        for rows in (1, 5):
+            x = torch.randn(rows, 3, 96) * torch.linspace(0.1, 4.0, rows).view(rows, 1, 1)
+            for a, b in zip(packed(x), separate(x)):
+                assert torch.equal(a, b)
+    attention = serving_generator.model.model.layers[0].self_attn
+    q, v = (getattr(m, "base", m) for m in (attention.q_proj, attention.v_proj))  # under a LoRA wrapper once adapted
+    assert q.group is v.group

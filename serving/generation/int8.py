@@ -16,8 +16,15 @@ largest magnitude, fewer operations) wastes half the int8 levels on one-sided ac
 and cut the dev answers correct from 20.8% to 8.3% (24 rows); this one gave 25.0%. The mapping of an
 input is shared by q/k/v and gate/up, which read the same tensor.
 
-A subclass of ``nn.Linear`` so peft wraps it for LoRA (the LoRA matrices stay in floating point). Greedy
-text differs slightly from fp32; ``quantize=none`` turns it off.
+Layers that read the same input in one block (q/k/v of an attention, gate/up of an MLP) are packed into
+ONE int8 matrix (:class:`Int8Slice` members return their columns of its output): the per-channel scales
+and the per-row mapping are those of the separate layers, so the outputs are the same bits, with one
+fbgemm call instead of three (two). On a 2-core AVX-512 machine a decode step is bound by the number of
+operators more than by the bytes read (measured: the int8 step's operators sum to 29 ms of a 50 ms step);
+the packing saves ~60 us per attention and ~30 us per MLP a step at one row.
+
+Subclasses of ``nn.Linear`` so LoRA wrappers find ``in_features``/``out_features`` (the LoRA matrices stay
+in floating point). Greedy text differs slightly from fp32; ``quantize=none`` turns it off.
 """
 
 from __future__ import annotations
@@ -25,7 +32,8 @@ from __future__ import annotations
 import threading
 import warnings
 
-_last = threading.local()  # the last input and its mapped form: q/k/v (and gate/up) read the same tensor
+_last = threading.local()  # the last input and its mapped form (and a packed group's output for that input)
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # sibling layers that read one input
 
 
 def _int8_linear_class():
@@ -74,15 +82,66 @@ def _int8_linear_class():
     return Int8Linear
 
 
+def _int8_slice_class(Int8Linear):
+    import torch
+    from torch import nn
+
+    class Int8Slice(nn.Linear):
+        """Columns ``lo:hi`` of a packed :class:`Int8Linear` group's output (see the module docstring)."""
+
+        def __init__(self, group, lo: int, hi: int) -> None:
+            nn.Module.__init__(self)
+            self.in_features, self.out_features = group.in_features, hi - lo
+            self.group, self.lo, self.hi = group, lo, hi  # the group is a submodule of each member (shared)
+            self.register_buffer("weight", torch.empty(0, dtype=torch.float32), persistent=False)
+            self.bias = None
+
+        def forward(self, x):  # type: ignore[override]
+            packed = getattr(_last, "packed", None)
+            if packed is not None and packed[0] is x and packed[1] is self.group:
+                out = packed[2]
+            else:
+                out = self.group(x)
+                _last.packed = (x, self.group, out)  # x held, so its id is not reused while cached
+            return out[..., self.lo:self.hi]
+
+        def extra_repr(self) -> str:
+            return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row, columns {self.lo}:{self.hi} of a packed group"
+
+    return Int8Slice
+
+
 def quantize_int8(model) -> int:
-    """Replace every ``nn.Linear`` (including the tied output head) with :class:`Int8Linear`."""
+    """Replace every ``nn.Linear`` (including the tied output head) with :class:`Int8Linear`; sibling
+    layers that read one input (:data:`FUSED`) share one packed :class:`Int8Linear`. Returns how many
+    linear layers were replaced."""
+    from types import SimpleNamespace
+
+    import torch
     from torch import nn
 
     Int8Linear = _int8_linear_class()
+    Int8Slice = _int8_slice_class(Int8Linear)
+    count = 0
+    for parent in list(model.modules()):
+        for names in FUSED:
+            members = [getattr(parent, name, None) for name in names]
+            if not all(type(m) is nn.Linear and m.in_features >= 64 for m in members):
+                continue
+            if len({m.in_features for m in members}) != 1 or len({m.bias is None for m in members}) != 1:
+                continue
+            bias = None if members[0].bias is None else torch.cat([m.bias.detach() for m in members])
+            packed = SimpleNamespace(in_features=members[0].in_features, out_features=sum(m.out_features for m in members),
+                                     weight=torch.cat([m.weight.detach() for m in members]), bias=bias)
+            group, lo = Int8Linear(packed), 0
+            for name, member in zip(names, members):
+                setattr(parent, name, Int8Slice(group, lo, lo + member.out_features))
+                lo += member.out_features
+            count += len(members)
     targets = [(name, module) for name, module in model.named_modules()
                if type(module) is nn.Linear and module.in_features >= 64]
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, Int8Linear(module))
-    return len(targets)
+    return count + len(targets)
