@@ -82,7 +82,7 @@ def _int8_linear_class():
     return Int8Linear
 
 
-def _int8_slice_class(Int8Linear):
+def _int8_slice_class():
     import torch
     from torch import nn
 
@@ -121,7 +121,7 @@ def quantize_int8(model) -> int:
     from torch import nn
 
     Int8Linear = _int8_linear_class()
-    Int8Slice = _int8_slice_class(Int8Linear)
+    Int8Slice = _int8_slice_class()
     count = 0
     for parent in list(model.modules()):
         for names in FUSED:
