@@ -50,7 +50,7 @@ def build_evidence_rows(col, questions: Sequence[dict], sentences: Sequence[int]
                         count: Callable[[str], int], truncate: Callable[[str, int], str],
                         echo: Callable[[str], None] = print) -> tuple[list[dict], EvidenceReport]:
     """Rows for every question and every N in ``sentences`` whose evidence holds the answer."""
-    from serving.ranker import rank_evidence
+    from serving.ranker import rank_evidence, why_no_span
     from tuning.raft import holds_answer
 
     if not sentences or any(not 1 <= n <= 40 for n in sentences):
@@ -61,11 +61,12 @@ def build_evidence_rows(col, questions: Sequence[dict], sentences: Sequence[int]
     for i, q in enumerate(questions, 1):
         report.questions += 1
         question, answer = str(q.get("question", "")).strip(), str(q.get("answer", "")).strip()
-        if q.get("kind") == "unanswerable" or not answer:
-            report.skipped_unanswerable += 1
-            continue
-        if answer.lower().rstrip(".") in ("yes", "no"):
-            report.skipped_yes_no += 1
+        why = why_no_span(q)
+        if why is not None:
+            if why == "yes_no":
+                report.skipped_yes_no += 1
+            else:
+                report.skipped_unanswerable += 1
             continue
         hits = col.search(question, k=config.k, mode=config.search_mode)
         ranked, report.ranker = rank_evidence(col, question, hits, config.evidence_skip_questions, config.evidence_ranker)
@@ -77,9 +78,8 @@ def build_evidence_rows(col, questions: Sequence[dict], sentences: Sequence[int]
             plan = build_messages(question, sources=shown, rag=True, count=count, truncate=truncate,
                                   budget=config.context_tokens - config.max_new_tokens, source_tokens=config.source_tokens,
                                   history_turns=0)
-            user = plan.messages[-1]["content"]
             rows.append({"id": f"{q.get('id', f'q{i}')}-e{n}", "system": plan.messages[0]["content"], "question": question,
-                         "context": user[: user.rindex("\n\nQuestion: ")], "answer": answer, "doc": q.get("doc"),
+                         "context": plan.context, "answer": answer, "doc": q.get("doc"),
                          "row_type": "evidence", "evidence_sentences": n})
             report.per_layout[n] = report.per_layout.get(n, 0) + 1
         if i % 50 == 0 or i == len(questions):

@@ -51,6 +51,7 @@ class PromptPlan:
     prompt_tokens: int
     notes: list[str] = field(default_factory=list)  # what was cut, for the UI and the log
     source_texts: list[str] = field(default_factory=list)  # each source's text exactly as in the prompt (flattened)
+    context: str = ""  # the numbered sources block of a RAG user message (before "\n\nQuestion: ...")
 
 
 def count_tokens(tokenizer, text: str) -> int:
@@ -126,9 +127,10 @@ def build_messages(question: str, *, sources: Sequence[Any] = (), history: Seque
     else:
         if len(history) > history_turns:
             notes.append(f"{len(history) - history_turns} older turn(s) left out (history_turns={history_turns})")
-    user = ("Sources:\n" + "\n\n".join(blocks) + f"\n\nQuestion: {question}") if rag else question
+    context = "Sources:\n" + "\n\n".join(blocks) if rag else ""
+    user = f"{context}\n\nQuestion: {question}" if rag else question
     messages = [{"role": "system", "content": system}, *turns, {"role": "user", "content": user}]
-    return PromptPlan(messages, len(blocks), kept, used, notes, texts)
+    return PromptPlan(messages, len(blocks), kept, used, notes, texts, context)
 
 
 def cited_numbers(answer: str, n_sources: int) -> list[int]:

@@ -161,6 +161,15 @@ def load_ranker(col) -> LearnedRanker | None:
     return ranker
 
 
+def why_no_span(row: dict) -> str | None:
+    """Why a question row cannot teach or test reading a copied answer span: ``"unanswerable"`` (no answer,
+    or marked so), ``"yes_no"`` (an answer a span of the sources cannot give), or None when it can."""
+    answer = str(row.get("answer", "")).strip().lower()
+    if row.get("kind") == "unanswerable" or not answer:
+        return "unanswerable"
+    return "yes_no" if answer.rstrip(".") in ("yes", "no") else None
+
+
 def rank_evidence(col, question: str, hits: Sequence[Any], skip_questions: bool,
                   ranker: str = "auto") -> tuple[list[Sentence], str]:
     """The sentences of ``hits`` best first, as the assistant orders its evidence: the fixed mix
@@ -179,8 +188,7 @@ def _labelled(col, rows: Sequence[dict], k: int, mode: str, echo: Callable[[str]
 
     out = []
     started = time.perf_counter()
-    usable = [r for r in rows if str(r.get("question", "")).strip() and str(r.get("answer", "")).strip()
-              and r.get("kind") != "unanswerable" and str(r["answer"]).strip().lower() not in ("yes", "no")]
+    usable = [r for r in rows if str(r.get("question", "")).strip() and why_no_span(r) is None]
     for i, row in enumerate(usable, 1):
         hits = col.search(str(row["question"]), k=k, mode=mode)
         ranked = rank_sentences(str(row["question"]), hits, col.embedder.embed_batch, skip_questions=True)
