@@ -338,6 +338,9 @@ class Assistant:
         answer.decoding = {"grounded": bool(constraint), "grounded_spans": cfg.grounded_spans if constraint else 0, "cad_alpha": params.cad_alpha if params.contrast_ids else 0.0,
                            "evidence_sentences": cfg.evidence_sentences if rag else 0, "evidence_ranker": ranker, "k": k or cfg.k if rag else 0,
                            "source_tokens": cfg.source_tokens, "abstain_threshold": cfg.abstain_threshold if rag else 0.0}
+        precision = getattr(self.generator, "prefill_precision", None)
+        if precision is not None:
+            answer.decoding["prefill"] = precision(params.prefill_bf16)
         tokens = self.generator.stream(plan.messages, adapter=use_adapter, params=params)
         return AnswerStream(self, answer, tokens, started, chat_id, log, constraint, maps)
 

@@ -24,6 +24,9 @@ class ServeConfig:
     openai_api_key: str = field("", help="bearer token for the remote server ('' = $OPENAI_API_KEY or none)")
     quantize: Literal["auto", "int8", "none"] = field("auto", help="int8: dynamic int8 linear layers (CPU, ~2x faster decoding, slightly different text); auto = int8 on CPU, none on GPU")
     device: Literal["auto", "cpu", "cuda"] = field("auto", help="where the local model runs")
+    prefill_bf16: bool = field(True, help="local engine, int8 on a CPU with native bf16 (AMX/AVX512-BF16): multiply the prompt "
+                                         "(prefill) in bf16, decode in int8; elsewhere it has no effect (answers record "
+                                         "the precision used)")
     threads: int = field(0, help="CPU threads for torch (0 = leave torch's default)")
     max_batch_rows: int = field(16, help="local engine: most rows decoded together (a request with context-aware "
                                          "decoding takes two); more requests wait for a free row")

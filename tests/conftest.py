@@ -171,7 +171,8 @@ def serving_home(tuning_home, tmp_path_factory) -> Path:
 def serving_generator(serving_home):
     from serving.generation import LocalGenerator
 
-    return LocalGenerator("smollm2-135m-instruct", serving_home, quantize="int8")
+    # bf16 prefill forced, so both prefill paths (bf16, and int8 with prefill_bf16=False) are tested on any CPU
+    return LocalGenerator("smollm2-135m-instruct", serving_home, quantize="int8", bf16_prefill=True)
 
 
 @pytest.fixture(scope="session")

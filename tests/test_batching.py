@@ -53,12 +53,13 @@ def fp32_generator(serving_home):
     return LocalGenerator("smollm2-135m-instruct", serving_home, quantize="none")
 
 
-@pytest.mark.parametrize("which", ["int8", "none"])
+@pytest.mark.parametrize("which", ["int8", "int8, bf16 prefill", "none"])
 def test_mixed_batch_equals_each_request_alone(which, serving_generator, fp32_generator):
-    gen = serving_generator if which == "int8" else fp32_generator
-    alone = [gen.stream(m, a, params()).text() for m, a in CASES]
+    gen = serving_generator if which.startswith("int8") else fp32_generator
+    make = (lambda: params(prefill_bf16=which != "int8"))
+    alone = [gen.stream(m, a, make()).text() for m, a in CASES]
     steps = gen.engine.steps
-    batched = together(gen, CASES)
+    batched = together(gen, CASES, make)
     assert batched == alone
     assert gen.engine.max_batch_seen >= 3 and gen.engine.steps - steps < len(CASES) * TOKENS  # rows shared steps
     assert len(set(alone)) == len(alone)  # the cases (and adapters) really differ
@@ -256,3 +257,30 @@ def test_packed_int8_siblings_give_the_same_bits_as_separate_layers(serving_gene
     attention = serving_generator.model.model.layers[0].self_attn
     q, v = (getattr(m, "base", m) for m in (attention.q_proj, attention.v_proj))  # under a LoRA wrapper once adapted
     assert q.group is v.group
+
+
+def test_bf16_prefill_is_closer_to_fp32_and_keeps_its_own_prefix_cache(serving_generator, fp32_generator):
+    """The prompt multiplied in bf16 (decode steps stay int8): its last-position logits are nearer the fp32
+    model's than the int8 prefill's, and the system prompt's cached KV is kept per precision."""
+    import torch
+
+    gen = serving_generator
+    for messages, _ in CASES[:3]:
+        ids = torch.tensor([gen.render(messages)])
+        with torch.inference_mode():
+            reference = fp32_generator._forward(ids, fp32_generator._new_cache(), ["__base__"])
+            errors = {bf16: float((gen._forward(ids, gen._new_cache(), ["__base__"], bf16=bf16) - reference).abs().mean())
+                      for bf16 in (False, True)}
+        assert 0 < errors[True] < errors[False], errors
+    assert gen.prefill_precision(True) == "bf16" and gen.prefill_precision(False) == "int8"
+    assert fp32_generator.prefill_precision(True) == "fp32"  # no int8 layers: nothing to switch
+
+    system = {"role": "system", "content": SYSTEM["content"] + " Quote the sources where you can, and say when they "
+                                                                 "do not hold the answer."}
+    messages = [system, {"role": "user", "content": "Why do heat pumps defrost in winter?"}]
+    gen.engine._prefixes.clear()
+    first = [gen.stream(messages, None, params(prefill_bf16=bf16)).text() for bf16 in (False, True)]
+    assert {key[1] for key in gen.engine._prefixes} == {False, True}  # one entry per precision, not one shared
+    gen.engine._prefixes.clear()
+    second = [gen.stream(messages, None, params(prefill_bf16=bf16)).text() for bf16 in (True, False)]
+    assert first == second[::-1]

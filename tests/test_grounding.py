@@ -82,6 +82,7 @@ def test_defaults_answer_with_one_grounded_extract_of_the_best_sentence(serving_
     assistant = Assistant(Workspace(serving_home), serving_generator, ServeConfig(max_new_tokens=24))
     answer = assistant.answer(QUESTIONS[0], "rag", "corvida", log=False)
     assert answer.decoding["grounded"] and answer.decoding["grounded_spans"] == 1 and answer.decoding["evidence_sentences"] == 1
+    assert answer.decoding["prefill"] == "bf16"  # recorded with the answer (this generator keeps bf16 weights)
     assert len(answer.sources) == 1 and len(answer.spans) == 1 and answer.cited == [1]
     assert answer.spans[0]["text"] in flat(answer.sources[0].text) and answer.text == f"{answer.spans[0]['text']} [1]"
     assert len(answer.sources[0].text) < 400  # a sentence, not a whole chunk
@@ -99,19 +100,23 @@ def test_spans_start_at_word_starts_never_inside_a_number(serving_generator):
     assert c.allowed() == {one}  # the span that starts at "2" goes on with "1" (spans run >= 2 tokens)
 
 
-def test_generator_without_options_equals_transformers_greedy_generate(serving_generator):
+@pytest.mark.parametrize("bf16_prefill", [False, True])
+def test_generator_without_options_equals_transformers_greedy_generate(serving_generator, bf16_prefill):
     """The decode loop with no constraint and no contrast is plain greedy decoding: token for token what
-    ``model.generate`` gives on the same (int8) model, for prompts within one prefill slice."""
+    ``model.generate`` gives on the same (int8) model, for prompts within one prefill slice; with the prompt
+    multiplied in bf16, what ``generate`` gives inside ``bf16_matmuls`` (its one-row decode steps stay int8)."""
     import torch
+
+    from serving.generation.int8 import bf16_matmuls
 
     gen = serving_generator
     for question in QUESTIONS[:3]:
         ids = gen.render([{"role": "user", "content": question}])
         assert len(ids) < 256
-        stream = gen.stream_ids(ids, params=GenerationParams(max_new_tokens=12))
+        stream = gen.stream_ids(ids, params=GenerationParams(max_new_tokens=12, prefill_bf16=bf16_prefill))
         ours = stream.text()
         # adapters loaded by other tests stay in the shared model, but apply only to the engine's rows
-        with torch.inference_mode():
+        with torch.inference_mode(), gen._lock, bf16_matmuls(bf16_prefill):
             out = gen.model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, repetition_penalty=1.0,
                                      pad_token_id=gen.tokenizer.eos_token_id)
         reference = gen.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)

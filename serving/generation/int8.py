@@ -23,17 +23,39 @@ fbgemm call instead of three (two). On a 2-core AVX-512 machine a decode step is
 operators more than by the bytes read (measured: the int8 step's operators sum to 29 ms of a 50 ms step);
 the packing saves ~60 us per attention and ~30 us per MLP a step at one row.
 
+Prompt prefill is a different shape: hundreds of rows per call, compute-bound, not operator-bound. On CPUs
+that multiply bf16 in hardware (AMX-BF16, AVX512-BF16) a bf16 copy of each weight can be kept
+(``keep_bf16``), and inside :func:`bf16_matmuls` the layers multiply in bf16 with those copies instead
+(fp32 in and out; attention, norms and the KV cache stay fp32). Measured on a 2-core Xeon with AMX (whole
+prompt, best of 3): 130 / 256 / 1,000 tokens in 0.148 / 0.245 / 1.136 s int8, 0.092 / 0.152 / 0.586 s
+bf16 (fp32: 0.179 / 0.287 / 1.119 s), and the bf16 logits are nearer fp32's than int8's (tested). Inputs
+of fewer than :data:`BF16_MIN_ROWS` rows stay int8 (the output head sees one position). The engine
+prefills each request alone, so the choice does not couple rows of a batch; decode steps are int8.
+
 Subclasses of ``nn.Linear`` so LoRA wrappers find ``in_features``/``out_features`` (the LoRA matrices stay
 in floating point). Greedy text differs slightly from fp32; ``quantize=none`` turns it off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
 
 _last = threading.local()  # the last input and its mapped form (and a packed group's output for that input)
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # sibling layers that read one input
+BF16_MIN_ROWS = 16  # fewer rows (the output head's one position, a short last slice) stay int8: bf16 is no faster there
+
+
+@contextlib.contextmanager
+def bf16_matmuls(on: bool = True):
+    """Inside (this thread): layers that kept a bf16 weight copy multiply in bf16 with it."""
+    previous = getattr(_last, "bf16", False)
+    _last.bf16 = on
+    try:
+        yield
+    finally:
+        _last.bf16 = previous
 
 
 def _int8_linear_class():
@@ -43,7 +65,7 @@ def _int8_linear_class():
     class Int8Linear(nn.Linear):
         """Int8 per-channel weights, activations quantized per row (see the module docstring)."""
 
-        def __init__(self, linear: nn.Linear) -> None:
+        def __init__(self, linear: nn.Linear, keep_bf16: bool = False) -> None:
             nn.Module.__init__(self)
             self.in_features, self.out_features = linear.in_features, linear.out_features
             w = linear.weight.detach().float()
@@ -58,11 +80,16 @@ def _int8_linear_class():
             self.register_buffer("row_sums", qweight.dequantize().sum(dim=1), persistent=False)
             self.register_buffer("bias_", linear.bias.detach().float() if linear.bias is not None else None,
                                  persistent=False)
+            self.register_buffer("weight_bf16", w.to(torch.bfloat16) if keep_bf16 else None, persistent=False)
             # an empty fp32 weight only tells peft the device and dtype for the adapter weights
             self.register_buffer("weight", torch.empty(0, dtype=torch.float32, device=w.device), persistent=False)
             self.bias = None
 
         def forward(self, x):  # type: ignore[override]
+            if self.weight_bf16 is not None and getattr(_last, "bf16", False) and x.numel() >= BF16_MIN_ROWS * x.shape[-1]:
+                flat = torch.mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), self.weight_bf16.t())  # 2-D: no bmm copy
+                out = flat.float().view(*x.shape[:-1], self.out_features)
+                return out if self.bias_ is None else out.add_(self.bias_)
             mapped = getattr(_last, "mapped", None)
             if mapped is not None and mapped[0] is x:  # the same tensor object (held, so its id is not reused)
                 _, z, half, mid = mapped
@@ -111,10 +138,10 @@ def _int8_slice_class():
     return Int8Slice
 
 
-def quantize_int8(model) -> int:
+def quantize_int8(model, keep_bf16: bool = False) -> int:
     """Replace every ``nn.Linear`` (including the tied output head) with :class:`Int8Linear`; sibling
-    layers that read one input (:data:`FUSED`) share one packed :class:`Int8Linear`. Returns how many
-    linear layers were replaced."""
+    layers that read one input (:data:`FUSED`) share one packed :class:`Int8Linear`; ``keep_bf16`` keeps a
+    bf16 copy of each weight for :func:`bf16_matmuls`. Returns how many linear layers were replaced."""
     from types import SimpleNamespace
 
     import torch
@@ -133,7 +160,7 @@ def quantize_int8(model) -> int:
             bias = None if members[0].bias is None else torch.cat([m.bias.detach() for m in members])
             packed = SimpleNamespace(in_features=members[0].in_features, out_features=sum(m.out_features for m in members),
                                      weight=torch.cat([m.weight.detach() for m in members]), bias=bias)
-            group, lo = Int8Linear(packed), 0
+            group, lo = Int8Linear(packed, keep_bf16), 0
             for name, member in zip(names, members):
                 setattr(parent, name, Int8Slice(group, lo, lo + member.out_features))
                 lo += member.out_features
@@ -143,5 +170,5 @@ def quantize_int8(model) -> int:
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Int8Linear(module))
+        setattr(parent, child, Int8Linear(module, keep_bf16))
     return count + len(targets)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from serving.config import ServingError
-from serving.generation.int8 import quantize_int8
+from serving.generation.int8 import bf16_matmuls, quantize_int8
 from serving.generation.lora import LoraError, LoraSet
 from serving.generation.scheduler import BASE_ROW, BatchScheduler, Request, read_pieces
 from serving.generation.types import GenerationParams, TokenStream
@@ -55,12 +55,13 @@ class LocalGenerator:
 
     def __init__(self, base_model: str = "smollm2-135m-instruct", home: str | os.PathLike | None = None,
                  quantize: str = "auto", device: str = "auto", threads: int = 0, max_batch_rows: int = DEFAULT_MAX_ROWS,
-                 kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS) -> None:
+                 kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS, bf16_prefill: bool | None = None) -> None:
         import torch
 
         from core.workspace import ragtune_home
         from tuning.errors import TuningError
-        from tuning.models import load_causal_lm, load_tokenizer, pick_device, resolve_base_model, weights_hash
+        from tuning.models import (cpu_has_native_bf16, load_causal_lm, load_tokenizer, pick_device,
+                                   resolve_base_model, weights_hash)
 
         if threads > 0:
             torch.set_num_threads(threads)
@@ -77,10 +78,12 @@ class LocalGenerator:
         self.base_id = self.base.id
         self.base_sha256 = weights_hash(self.base)
         self.quantize = ("int8" if self.device == "cpu" else "none") if quantize == "auto" else quantize
+        # prompt prefill multiplies in bf16 where the CPU does so natively (None = detect; int8 layers only)
+        self.bf16_prefill = self.quantize == "int8" and (cpu_has_native_bf16() if bf16_prefill is None else bf16_prefill)
         if self.quantize == "int8":
             if self.device != "cpu":
                 raise ServingError("quantize=int8 is for CPU serving; on a GPU use quantize=none (or auto)")
-            quantize_int8(self.model)
+            quantize_int8(self.model, keep_bf16=self.bf16_prefill)
         from serving.generation import attention
 
         attention.install(self.model)
@@ -248,14 +251,22 @@ class LocalGenerator:
 
         return DynamicCache(ddp_cache_data=layers, config=self.model.config)
 
-    def _forward(self, ids, cache, adapters: list[str], mask=None, positions=None):
-        """Last-position logits of ``ids`` (rows x new tokens) continuing ``cache``; one adapter name per row."""
+    def prefill_precision(self, bf16: bool) -> str:
+        """What a request's prompt is multiplied in: 'bf16' when asked for and this engine kept bf16 weights,
+        else 'int8' or 'fp32' (the decode steps are always in the engine's own precision)."""
+        if bf16 and self.bf16_prefill:
+            return "bf16"
+        return "int8" if self.quantize == "int8" else "fp32"
+
+    def _forward(self, ids, cache, adapters: list[str], mask=None, positions=None, bf16: bool = False):
+        """Last-position logits of ``ids`` (rows x new tokens) continuing ``cache``; one adapter name per row;
+        ``bf16``: multiply in bf16 (prefill; see :mod:`serving.generation.int8`)."""
         kwargs: dict[str, Any] = {self._cache_kw: cache, "use_cache": True, "logits_to_keep": 1}
         lengths = None
         if mask is not None and ids.shape[0] > 1:  # one row has no padding: the plain path is the same call
             kwargs["attention_mask"], kwargs["position_ids"] = mask, positions
             lengths = [int(n) + 1 for n in positions[:, 0].tolist()]  # keys per row, the new token included
-        with self._row_lengths(lengths), self._lora.rows(adapters):
+        with self._row_lengths(lengths), self._lora.rows(adapters), bf16_matmuls(bf16 and self.bf16_prefill):
             return self.model(input_ids=ids, **kwargs).logits[:, -1, :]
 
 

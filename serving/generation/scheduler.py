@@ -235,15 +235,16 @@ class BatchScheduler:
         """One forward pass of at most PREFILL_SLICE prompt tokens; True when every row is prefilled."""
         import torch
 
+        bf16 = request.params.prefill_bf16
         for seq in request.sequences:
             if seq.done == len(seq.ids):
                 continue
             if seq.cache is None:
                 seq.cache = self._new_cache()
                 if seq.prefix_len:
-                    stored = self._prefixes.get((seq.key, tuple(seq.ids[:seq.prefix_len])))
+                    stored = self._prefixes.get((seq.key, bf16, tuple(seq.ids[:seq.prefix_len])))
                     if stored is not None:
-                        self._prefixes.move_to_end((seq.key, tuple(seq.ids[:seq.prefix_len])))
+                        self._prefixes.move_to_end((seq.key, bf16, tuple(seq.ids[:seq.prefix_len])))
                         seq.cache = self._new_cache([(k.clone(), v.clone()) for k, v in stored])
                         seq.done = seq.prefix_len
             end = min(len(seq.ids), seq.done + PREFILL_SLICE)
@@ -251,10 +252,10 @@ class BatchScheduler:
                 end = seq.prefix_len  # the prefix is its own slice, so its cache can be kept as is
             ids = torch.tensor([seq.ids[seq.done:end]], dtype=torch.long, device=self._device)
             self.prefill_tokens += end - seq.done
-            seq.logits = self._forward(ids, seq.cache, [seq.key])[0]
+            seq.logits = self._forward(ids, seq.cache, [seq.key], bf16=bf16)[0]
             seq.done = end
             if seq.prefix_len and end == seq.prefix_len:
-                key = (seq.key, tuple(seq.ids[:seq.prefix_len]))
+                key = (seq.key, bf16, tuple(seq.ids[:seq.prefix_len]))
                 self._prefixes[key] = [(layer.keys.clone(), layer.values.clone()) for layer in seq.cache.layers]
                 while len(self._prefixes) > PREFIX_ENTRIES:
                     self._prefixes.popitem(last=False)

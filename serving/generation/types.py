@@ -14,6 +14,7 @@ class GenerationParams:
     repetition_penalty: float = 1.0  # applied to generated tokens only
     stop: tuple[str, ...] = ()
     seed: int = 0
+    prefill_bf16: bool = True  # the prompt in bf16 where the engine kept bf16 weights (LocalGenerator.prefill_precision)
     # per request, not from config: a serving.grounding.GroundedConstraint (grounded decoding), and the
     # question-only prompt ids + weight of context-aware decoding (Shi et al. 2023; None = off)
     constraint: Any = None
@@ -22,7 +23,8 @@ class GenerationParams:
 
     @classmethod
     def from_config(cls, config: Any, **overrides: Any) -> "GenerationParams":
-        values = {k: getattr(config, k) for k in ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed")}
+        values = {k: getattr(config, k) for k in ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed",
+                                                  "prefill_bf16")}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
