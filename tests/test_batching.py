@@ -284,3 +284,35 @@ def test_bf16_prefill_is_closer_to_fp32_and_keeps_its_own_prefix_cache(serving_g
     gen.engine._prefixes.clear()
     second = [gen.stream(messages, None, params(prefill_bf16=bf16)).text() for bf16 in (True, False)]
     assert first == second[::-1]
+
+
+def test_roomy_kv_cache_appends_in_place_and_equals_concatenation():
+    """The engine's KV cache writes decode steps into spare room (no copy of the whole cache per step) and
+    holds exactly what concatenation would; it grows when full and adopts keys set from outside."""
+    import torch
+
+    from serving.generation.kvcache import RoomyCache, RoomyLayer
+
+    torch.manual_seed(0)
+    layer, keys, values = RoomyLayer(capacity=6), [], []
+    pointers = []
+    for n in (4, 1, 1, 1):  # the fourth update overflows the 6 positions
+        k, v = torch.randn(2, 3, n, 4), torch.randn(2, 3, n, 4)
+        keys.append(k), values.append(v)
+        got_k, got_v = layer.update(k, v)
+        assert torch.equal(got_k, torch.cat(keys, dim=-2)) and torch.equal(got_v, torch.cat(values, dim=-2))
+        assert layer.get_seq_length() == sum(x.shape[-2] for x in keys)
+        pointers.append(got_k.data_ptr())
+    assert pointers[0] == pointers[1] == pointers[2] != pointers[3]  # in place until full, then one regrowth
+    layer.keys, layer.values = layer.keys[:, :, :3].clone(), layer.values[:, :, :3].clone()  # as crop() does
+    k, v = torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4)
+    got_k, _ = layer.update(k, v)
+    assert torch.equal(got_k, torch.cat([torch.cat(keys, dim=-2)[:, :, :3], k], dim=-2))
+
+    source = [(torch.randn(1, 3, 5, 4), torch.randn(1, 3, 5, 4)) for _ in range(2)]
+    cache = RoomyCache(2, source, capacity=9)
+    kept = source[0][0].clone()
+    source[0][0].zero_()  # the cache holds a copy: the stored prefix entry it came from may be reused
+    assert torch.equal(cache.layers[0].keys, kept) and cache.get_seq_length() == 5
+    cache.update(torch.randn(1, 3, 1, 4), torch.randn(1, 3, 1, 4), 0)
+    assert cache.layers[0]._room[0].shape[-2] == 9 and cache.layers[0].keys.shape[-2] == 6

@@ -27,6 +27,7 @@ from typing import Any
 
 from serving.config import ServingError
 from serving.generation.int8 import bf16_matmuls, quantize_int8
+from serving.generation.kvcache import RoomyCache
 from serving.generation.lora import LoraError, LoraSet
 from serving.generation.scheduler import BASE_ROW, BatchScheduler, Request, read_pieces
 from serving.generation.types import GenerationParams, TokenStream
@@ -246,10 +247,10 @@ class LocalGenerator:
         return stream
 
     # --- the model, for the engine thread ------------------------------------------------------
-    def _new_cache(self, layers: list | None = None):
-        from transformers import DynamicCache
-
-        return DynamicCache(ddp_cache_data=layers, config=self.model.config)
+    def _new_cache(self, layers: list | None = None, capacity: int = 0):
+        """A KV cache that appends in place (:mod:`serving.generation.kvcache`), with room for ``capacity``
+        positions, filled with a copy of ``layers`` if given."""
+        return RoomyCache(self.model.config.num_hidden_layers, layers, capacity)
 
     def prefill_precision(self, bf16: bool) -> str:
         """What a request's prompt is multiplied in: 'bf16' when asked for and this engine kept bf16 weights,

@@ -240,12 +240,13 @@ class BatchScheduler:
             if seq.done == len(seq.ids):
                 continue
             if seq.cache is None:
-                seq.cache = self._new_cache()
+                capacity = len(seq.ids) + request.params.max_new_tokens  # all this row can need: no regrowth
+                seq.cache = self._new_cache(capacity=capacity)
                 if seq.prefix_len:
                     stored = self._prefixes.get((seq.key, bf16, tuple(seq.ids[:seq.prefix_len])))
                     if stored is not None:
                         self._prefixes.move_to_end((seq.key, bf16, tuple(seq.ids[:seq.prefix_len])))
-                        seq.cache = self._new_cache([(k.clone(), v.clone()) for k, v in stored])
+                        seq.cache = self._new_cache(stored, capacity)  # copied in: the stored entry stays as is
                         seq.done = seq.prefix_len
             end = min(len(seq.ids), seq.done + PREFILL_SLICE)
             if seq.prefix_len and seq.done < seq.prefix_len:
@@ -299,11 +300,17 @@ class BatchScheduler:
             merged = [(torch.cat([pad(layer.keys, target - width), pad(k, target - length)]),
                        torch.cat([pad(layer.values, target - width), pad(v, target - length)]))
                       for layer, (k, v) in zip(self._cache.layers, layers)]
-            self._cache = self._new_cache(merged)
+            self._cache = self._new_cache(merged, target + self._room(request))
             ones = torch.ones((1, length), dtype=torch.long, device=self._device)
             self._mask = torch.cat([pad(self._mask, target - width), pad(ones, target - length)])
         self._rows.append((request, seq))
         self._lengths.append(length)
+
+    def _room(self, joining: Request | None = None) -> int:
+        """Decode steps the batch can still take: the most answer tokens any of its rows (and ``joining``'s)
+        may still generate; the batch cache is sized to its width plus this."""
+        requests = [r for r, _ in self._rows] + ([joining] if joining is not None else [])
+        return max((r.params.max_new_tokens - len(r.generated) for r in requests), default=0)
 
     def _decode_step(self) -> None:
         import torch
@@ -349,9 +356,9 @@ class BatchScheduler:
         self._lengths = [self._lengths[i] for i in keep]
         self._mask = self._mask[index]
         trim = self._mask.shape[1] - max(self._lengths)  # columns that are padding in every remaining row
-        self._cache = self._new_cache([(layer.keys[index, :, trim:], layer.values[index, :, trim:])
-                                       for layer in self._cache.layers])
         self._mask = self._mask[:, trim:]
+        self._cache = self._new_cache([(layer.keys[index, :, trim:], layer.values[index, :, trim:])
+                                       for layer in self._cache.layers], self._mask.shape[1] + self._room())
 
     # --- output -------------------------------------------------------------------------------
     def _emit(self, request: Request, token: int) -> bool:

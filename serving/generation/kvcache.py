@@ -1,0 +1,69 @@
+"""A KV cache that appends in place: each layer's keys and values live in a buffer with room to grow.
+
+transformers' ``DynamicLayer.update`` appends a decode step's keys with ``torch.cat``, which copies the whole
+cache of every layer at every step: for SmolLM2-135M that is 46 KB per cached token, so a batch of 8 rows
+with 1,000-token prompts copies ~370 MB per step (twice over: read and write), more than the step's own
+work. :class:`RoomyLayer` keeps the same interface (``keys``/``values`` are the filled part, so
+``get_seq_length`` and the mask sizes are unchanged) but writes new positions into spare room of one
+buffer. The engine sizes the buffer to what the rows can still need (``capacity``: prompt + the answer's
+token budget), so the memory bound it enforces (``kv_cache_tokens``) is the memory used; a buffer that
+fills up anyway grows by half again (amortised: each position is copied O(1) times). The values
+attention reads are the same numbers, so outputs are unchanged (tested against ``model.generate``).
+
+Measured (8 concurrent requests, 1,000-token prompts, 48 new tokens each, int8, 2-core Xeon): engine
+seconds in decode forward passes 9.1 / 9.8 with ``DynamicCache`` against 6.5 / 7.4 with this cache, the
+same output text.
+"""
+
+from __future__ import annotations
+
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+GROWTH = 1.5  # a full buffer grows to this many times what it must hold
+MIN_ROOM = 64  # positions of spare room at least, so a short answer never regrows
+
+
+class RoomyLayer(DynamicLayer):
+    """A :class:`DynamicLayer` whose ``update`` writes into spare room instead of concatenating; the first
+    buffer holds ``capacity`` positions (or what the first update brings, if more)."""
+
+    def __init__(self, capacity: int = 0) -> None:
+        super().__init__()
+        self.capacity = capacity
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        import torch
+
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        filled, new = self.keys.shape[-2] if self.keys.dim() == 4 else 0, key_states.shape[-2]
+        buffer = getattr(self, "_room", None)
+        if (buffer is None or buffer[0].shape[-2] < filled + new or buffer[0].shape[:2] != key_states.shape[:2]
+                or (filled and self.keys.data_ptr() != buffer[0].data_ptr())):  # keys set from outside: adopt them
+            grown = buffer is not None and buffer[0].shape[-2] < filled + new
+            size = int((filled + new) * GROWTH) + MIN_ROOM if grown or filled + new > self.capacity else self.capacity
+            shape = (*key_states.shape[:2], size, key_states.shape[-1])
+            buffer = (torch.empty(shape, dtype=key_states.dtype, device=key_states.device),
+                      torch.empty((*value_states.shape[:2], size, value_states.shape[-1]), dtype=value_states.dtype,
+                                  device=value_states.device))
+            if filled:
+                buffer[0][:, :, :filled].copy_(self.keys)
+                buffer[1][:, :, :filled].copy_(self.values)
+            self._room = buffer
+        buffer[0][:, :, filled:filled + new].copy_(key_states)
+        buffer[1][:, :, filled:filled + new].copy_(value_states)
+        self.keys, self.values = buffer[0][:, :, :filled + new], buffer[1][:, :, :filled + new]
+        return self.keys, self.values
+
+
+class RoomyCache(DynamicCache):
+    """A :class:`DynamicCache` of :class:`RoomyLayer` (one per decoder layer) with room for ``capacity``
+    positions, optionally filled with ``layers`` (``(keys, values)`` per layer, copied in)."""
+
+    def __init__(self, num_layers: int, layers: list | None = None, capacity: int = 0) -> None:
+        Cache.__init__(self, layers=[RoomyLayer(capacity) for _ in range(num_layers)])
+        for layer, (keys, values) in zip(self.layers, layers or ()):
+            layer.update(keys, values)
+
+
+__all__ = ["RoomyCache", "RoomyLayer"]
