@@ -40,8 +40,8 @@ class RoomyLayer(DynamicLayer):
         buffer = getattr(self, "_room", None)
         if (buffer is None or buffer[0].shape[-2] < filled + new or buffer[0].shape[:2] != key_states.shape[:2]
                 or (filled and self.keys.data_ptr() != buffer[0].data_ptr())):  # keys set from outside: adopt them
-            grown = buffer is not None and buffer[0].shape[-2] < filled + new
-            size = int((filled + new) * GROWTH) + MIN_ROOM if grown or filled + new > self.capacity else self.capacity
+            # a buffer is never smaller than the capacity, so outgrowing one means outgrowing the capacity
+            size = self.capacity if filled + new <= self.capacity else int((filled + new) * GROWTH) + MIN_ROOM
             shape = (*key_states.shape[:2], size, key_states.shape[-1])
             buffer = (torch.empty(shape, dtype=key_states.dtype, device=key_states.device),
                       torch.empty((*value_states.shape[:2], size, value_states.shape[-1]), dtype=value_states.dtype,

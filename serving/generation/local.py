@@ -21,7 +21,7 @@ import inspect
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -238,6 +238,8 @@ class LocalGenerator:
         if longest + params.max_new_tokens > self.context_window:
             raise ServingError(f"prompt of {longest} tokens + max_new_tokens={params.max_new_tokens} exceeds the model's "
                                f"{self.context_window}-token window; shorten the question or history, or lower k")
+        if params.prefill_bf16 and not self.bf16_prefill:  # what the prompt really runs in (and its KV is kept under)
+            params = replace(params, prefill_bf16=False)
         stream = TokenStream(iter(()))
         stream.prompt_tokens = len(ids)
         request = Request(ids, key, params, stream, prefix, contrast_prefix)
@@ -267,7 +269,7 @@ class LocalGenerator:
         if mask is not None and ids.shape[0] > 1:  # one row has no padding: the plain path is the same call
             kwargs["attention_mask"], kwargs["position_ids"] = mask, positions
             lengths = [int(n) + 1 for n in positions[:, 0].tolist()]  # keys per row, the new token included
-        with self._row_lengths(lengths), self._lora.rows(adapters), bf16_matmuls(bf16 and self.bf16_prefill):
+        with self._row_lengths(lengths), self._lora.rows(adapters), bf16_matmuls(bf16):
             return self.model(input_ids=ids, **kwargs).logits[:, -1, :]
 
 
