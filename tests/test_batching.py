@@ -316,3 +316,32 @@ def test_roomy_kv_cache_appends_in_place_and_equals_concatenation():
     assert torch.equal(cache.layers[0].keys, kept) and cache.get_seq_length() == 5
     cache.update(torch.randn(1, 3, 1, 4), torch.randn(1, 3, 1, 4), 0)
     assert cache.layers[0]._room[0].shape[-2] == 9 and cache.layers[0].keys.shape[-2] == 6
+
+
+def test_engine_stops_cleanly_at_exit_and_restarts_on_demand(serving_home, serving_generator, tmp_path):
+    """The engine thread is ended at interpreter exit: torn down as a daemon inside torch's thread pools it
+    aborted the process (exit status 134) in most short runs. ``stop()`` ends it; the next request restarts it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "ask_and_exit.py"
+    script.write_text(
+        "from serving.generation import GenerationParams, LocalGenerator\n"
+        "import sys\n"
+        "g = LocalGenerator('smollm2-135m-instruct', sys.argv[1], quantize='int8')\n"
+        "print(g.stream([{'role': 'user', 'content': 'Name a colour.'}], params=GenerationParams(max_new_tokens=3)).text())\n",
+        encoding="utf-8")
+    repo = Path(__file__).resolve().parents[1]
+    for _ in range(3):
+        done = subprocess.run([sys.executable, str(script), str(serving_home)], cwd=repo, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(repo)})
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "terminate called" not in done.stderr
+
+    gen = serving_generator
+    before = gen.stream(CASES[0][0], None, params()).text()
+    gen.engine.stop()
+    assert not gen.engine._thread.is_alive()
+    assert gen.stream(CASES[0][0], None, params()).text() == before
