@@ -310,12 +310,23 @@ def test_roomy_kv_cache_appends_in_place_and_equals_concatenation():
     assert torch.equal(got_k, torch.cat([torch.cat(keys, dim=-2)[:, :, :3], k], dim=-2))
 
     source = [(torch.randn(1, 3, 5, 4), torch.randn(1, 3, 5, 4)) for _ in range(2)]
-    cache = RoomyCache(2, source, capacity=9)
+    cache = RoomyCache(2, [[kv] for kv in source], capacity=9)
     kept = source[0][0].clone()
     source[0][0].zero_()  # the cache holds a copy: the stored prefix entry it came from may be reused
     assert torch.equal(cache.layers[0].keys, kept) and cache.get_seq_length() == 5
     cache.update(torch.randn(1, 3, 1, 4), torch.randn(1, 3, 1, 4), 0)
     assert cache.layers[0]._room[0].shape[-2] == 9 and cache.layers[0].keys.shape[-2] == 6
+
+    # blocks of rows (a batch and a joining row) stacked and left-padded with zeros to the longer, as the
+    # engine merges (one copy of each block)
+    batch, joining = (torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)), (torch.randn(1, 3, 6, 4), torch.randn(1, 3, 6, 4))
+    cache = RoomyCache(1, [[batch, joining]], capacity=10)
+    layer = cache.layers[0]
+    for got, b, j in zip((layer.keys, layer.values), batch, joining):
+        assert torch.equal(got, torch.cat([torch.nn.functional.pad(b, (0, 0, 2, 0)), j]))
+    assert layer._room[0].shape[-2] == 10 and layer.keys.data_ptr() == layer._room[0].data_ptr()
+    cache.update(torch.randn(3, 3, 1, 4), torch.randn(3, 3, 1, 4), 0)
+    assert layer.keys.shape[-2] == 7 and layer.keys.data_ptr() == layer._room[0].data_ptr()  # appended in place
 
 
 def test_engine_stops_cleanly_at_exit_and_restarts_on_demand(serving_home, serving_generator, tmp_path):
@@ -345,3 +356,4 @@ def test_engine_stops_cleanly_at_exit_and_restarts_on_demand(serving_home, servi
     gen.engine.stop()
     assert not gen.engine._thread.is_alive()
     assert gen.stream(CASES[0][0], None, params()).text() == before
+

@@ -264,7 +264,7 @@ class BatchScheduler:
                     stored = self._prefixes.get((seq.key, bf16, tuple(seq.ids[:seq.prefix_len])))
                     if stored is not None:
                         self._prefixes.move_to_end((seq.key, bf16, tuple(seq.ids[:seq.prefix_len])))
-                        seq.cache = self._new_cache(stored, capacity)  # copied in: the stored entry stays as is
+                        seq.cache = self._new_cache([[kv] for kv in stored], capacity)  # copied: the entry stays
                         seq.done = seq.prefix_len
             end = min(len(seq.ids), seq.done + PREFILL_SLICE)
             if seq.prefix_len and seq.done < seq.prefix_len:
@@ -304,23 +304,17 @@ class BatchScheduler:
         import torch.nn.functional as F
 
         length = len(seq.ids)
-        layers = [(layer.keys, layer.values) for layer in seq.cache.layers]
         if not self._rows:
             self._cache = seq.cache
             self._mask = torch.ones((1, length), dtype=torch.long, device=self._device)
-        else:
+        else:  # the batch's rows and the new one, each copied once into a buffer left-padded to the wider
             width = self._mask.shape[1]
             target = max(width, length)
-
-            def pad(t, n):  # left-pad the sequence axis (dim 2 of keys/values, dim 1 of the mask)
-                return F.pad(t, (0, 0, n, 0)) if t.dim() == 4 else F.pad(t, (n, 0))
-
-            merged = [(torch.cat([pad(layer.keys, target - width), pad(k, target - length)]),
-                       torch.cat([pad(layer.values, target - width), pad(v, target - length)]))
-                      for layer, (k, v) in zip(self._cache.layers, layers)]
-            self._cache = self._new_cache(merged, target + self._room(request))
+            self._cache = self._new_cache([[(old.keys, old.values), (new.keys, new.values)]
+                                           for old, new in zip(self._cache.layers, seq.cache.layers)],
+                                          target + self._room(request))
             ones = torch.ones((1, length), dtype=torch.long, device=self._device)
-            self._mask = torch.cat([pad(self._mask, target - width), pad(ones, target - length)])
+            self._mask = torch.cat([F.pad(self._mask, (target - width, 0)), F.pad(ones, (target - length, 0))])
         self._rows.append((request, seq))
         self._lengths.append(length)
 
@@ -375,7 +369,13 @@ class BatchScheduler:
         self._mask = self._mask[index]
         trim = self._mask.shape[1] - max(self._lengths)  # columns that are padding in every remaining row
         self._mask = self._mask[:, trim:]
-        self._cache = self._new_cache([(layer.keys[index, :, trim:], layer.values[index, :, trim:])
+        runs = []  # the kept rows as runs of neighbours: views of the old cache, copied once into the new one
+        for i in keep:
+            if runs and runs[-1][1] == i:
+                runs[-1][1] = i + 1
+            else:
+                runs.append([i, i + 1])
+        self._cache = self._new_cache([[(layer.keys[a:b, :, trim:], layer.values[a:b, :, trim:]) for a, b in runs]
                                        for layer in self._cache.layers], self._mask.shape[1] + self._room())
 
     # --- output -------------------------------------------------------------------------------
