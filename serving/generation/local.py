@@ -269,7 +269,8 @@ class LocalGenerator:
         if mask is not None and ids.shape[0] > 1:  # one row has no padding: the plain path is the same call
             kwargs["attention_mask"], kwargs["position_ids"] = mask, positions
             lengths = [int(n) + 1 for n in positions[:, 0].tolist()]  # keys per row, the new token included
-        with self._row_lengths(lengths), self._lora.rows(adapters), bf16_matmuls(bf16):
+        # a prefill (no mask: one request alone) takes the LoRA products in float32, decode steps in float64
+        with self._row_lengths(lengths), self._lora.rows(adapters, exact=mask is not None), bf16_matmuls(bf16):
             return self.model(input_ids=ids, **kwargs).logits[:, -1, :]
 
 
