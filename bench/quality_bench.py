@@ -24,7 +24,8 @@ fixed by issue 11), one JSON line each:
 "correct" is the A/B runner's definition (reference contained, or the chosen option), never redefined;
 token F1 and the median length stand beside it, and ``--samples FILE`` writes every answer as JSONL.
 ``--quick``: the first 40 test questions + every unanswerable test row, 30 unseen, rag and rag+ft.
-``--split dev``: ``qa/dev.jsonl`` instead (choosing options; the test sets are then not read), plus one
+``--baseline-adapter``: the baseline arm's rag+ft adapter, to compare two adapters paired (with
+``--baseline-set`` equal to the defaults). ``--split dev``: ``qa/dev.jsonl`` instead (choosing options; the test sets are then not read), plus one
 synthetic unanswerable row per answerable dev row: the same question with its source document kept out
 of retrieval. ``--split dev-para``: ``qa/dev_paraphrased.jsonl`` (written for choosing options the way the
 test set asks: one user-worded paraphrase of each dev fact, without the documents' codes and wording, and
@@ -180,6 +181,8 @@ def main() -> None:
     parser.add_argument("--home", type=Path, default=None, help="workspace with the indexed collection (default $RAGTUNE_HOME)")
     parser.add_argument("--collection", default="corvida")
     parser.add_argument("--adapter", default=None, help="adapter for the rag+ft figures (skipped without one)")
+    parser.add_argument("--baseline-adapter", default=None, help="the baseline arm's rag+ft adapter (default: --adapter); "
+                        "two adapters compared paired on the same rows, e.g. two training budgets")
     parser.add_argument("--covid-adapter", default=None, help="adapter for covid_ragft_token_f1")
     parser.add_argument("--covid-questions", type=Path, default=REPO / "data" / "covidqa" / "test.jsonl")
     parser.add_argument("--split", choices=["test", "dev", "dev-para"], default="test")
@@ -230,12 +233,13 @@ def main() -> None:
                 continue
             for arm in args.arms.split(","):
                 assistant.config = arms[arm]
-                results[(set_name, mode, arm)] = answer_rows(assistant, rows, mode, args.collection, args.adapter,
+                adapter = args.baseline_adapter or args.adapter if arm == "baseline" else args.adapter
+                results[(set_name, mode, arm)] = answer_rows(assistant, rows, mode, args.collection, adapter,
                                                              f"{set_name}/{arm}", samples)
     shown = (*BASELINE, "grounded_spans", "ragft_grounded_spans", "k", "source_tokens", "evidence_window_tokens", "evidence_skip_questions")
     config_note = {"baseline": {k: getattr(baseline_cfg, k) for k in shown},
                    "ragtune": {k: getattr(ragtune_cfg, k) for k in shown},
-                   "adapter": args.adapter, "max_new_tokens": MAX_NEW_TOKENS, "split": args.split, "quick": args.quick}
+                   "adapter": args.adapter, "baseline_adapter": args.baseline_adapter or args.adapter, "max_new_tokens": MAX_NEW_TOKENS, "split": args.split, "quick": args.quick}
     from serving.ranker import load_ranker
 
     learned = load_ranker(assistant.workspace.get(args.collection))  # what evidence_ranker=auto finds in the collection
