@@ -356,4 +356,3 @@ def test_engine_stops_cleanly_at_exit_and_restarts_on_demand(serving_home, servi
     gen.engine.stop()
     assert not gen.engine._thread.is_alive()
     assert gen.stream(CASES[0][0], None, params()).text() == before
-

@@ -59,7 +59,6 @@ class RoomyLayer(DynamicLayer):
         self.keys, self.values = buffer[0][:, :, :filled + new], buffer[1][:, :, :filled + new]
         return self.keys, self.values
 
-
     def fill(self, blocks: list, capacity: int) -> None:
         """Hold ``blocks`` (``(keys, values)`` of some rows each, views allowed) stacked along the rows, each
         left-padded with zeros to the longest, in one new buffer of ``max(capacity, longest)`` positions:
