@@ -227,19 +227,19 @@ def main() -> None:
     samples: list[dict] = []
     results: dict[tuple[str, str, str], list[dict]] = {}
     arms = {"baseline": baseline_cfg, "ragtune": ragtune_cfg}
+    adapters = {"baseline": args.baseline_adapter or args.adapter, "ragtune": args.adapter}
     for set_name, rows in sets.items():
         for mode in modes:
             if set_name == "unseen" and mode != "rag+ft":
                 continue
             for arm in args.arms.split(","):
                 assistant.config = arms[arm]
-                adapter = args.baseline_adapter or args.adapter if arm == "baseline" else args.adapter
-                results[(set_name, mode, arm)] = answer_rows(assistant, rows, mode, args.collection, adapter,
+                results[(set_name, mode, arm)] = answer_rows(assistant, rows, mode, args.collection, adapters[arm],
                                                              f"{set_name}/{arm}", samples)
     shown = (*BASELINE, "grounded_spans", "ragft_grounded_spans", "k", "source_tokens", "evidence_window_tokens", "evidence_skip_questions")
     config_note = {"baseline": {k: getattr(baseline_cfg, k) for k in shown},
                    "ragtune": {k: getattr(ragtune_cfg, k) for k in shown},
-                   "adapter": args.adapter, "baseline_adapter": args.baseline_adapter or args.adapter, "max_new_tokens": MAX_NEW_TOKENS, "split": args.split, "quick": args.quick}
+                   "adapter": args.adapter, "baseline_adapter": adapters["baseline"], "max_new_tokens": MAX_NEW_TOKENS, "split": args.split, "quick": args.quick}
     from serving.ranker import load_ranker
 
     learned = load_ranker(assistant.workspace.get(args.collection))  # what evidence_ranker=auto finds in the collection

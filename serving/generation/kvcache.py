@@ -27,6 +27,11 @@ GROWTH = 1.5  # a full buffer grows to this many times what it must hold
 MIN_ROOM = 64  # positions of spare room at least, so a short answer never regrows
 
 
+def _buffer(like, rows: int, size: int):
+    """An uninitialised (rows, heads, size, head_dim) buffer of ``like``'s dtype and device."""
+    return like.new_empty((rows, like.shape[1], size, like.shape[-1]))
+
+
 class RoomyLayer(DynamicLayer):
     """A :class:`DynamicLayer` whose ``update`` writes into spare room instead of concatenating; the first
     buffer holds ``capacity`` positions (or what the first update brings, if more)."""
@@ -36,8 +41,6 @@ class RoomyLayer(DynamicLayer):
         self.capacity = capacity
 
     def update(self, key_states, value_states, *args, **kwargs):
-        import torch
-
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         filled, new = self.keys.shape[-2] if self.keys.dim() == 4 else 0, key_states.shape[-2]
@@ -46,10 +49,7 @@ class RoomyLayer(DynamicLayer):
                 or (filled and self.keys.data_ptr() != buffer[0].data_ptr())):  # keys set from outside: adopt them
             # a buffer is never smaller than the capacity, so outgrowing one means outgrowing the capacity
             size = self.capacity if filled + new <= self.capacity else int((filled + new) * GROWTH) + MIN_ROOM
-            shape = (*key_states.shape[:2], size, key_states.shape[-1])
-            buffer = (torch.empty(shape, dtype=key_states.dtype, device=key_states.device),
-                      torch.empty((*value_states.shape[:2], size, value_states.shape[-1]), dtype=value_states.dtype,
-                                  device=value_states.device))
+            buffer = (_buffer(key_states, key_states.shape[0], size), _buffer(value_states, value_states.shape[0], size))
             if filled:
                 buffer[0][:, :, :filled].copy_(self.keys)
                 buffer[1][:, :, :filled].copy_(self.values)
@@ -63,14 +63,10 @@ class RoomyLayer(DynamicLayer):
         """Hold ``blocks`` (``(keys, values)`` of some rows each, views allowed) stacked along the rows, each
         left-padded with zeros to the longest, in one new buffer of ``max(capacity, longest)`` positions:
         every block is copied once."""
-        import torch
-
         keys0, values0 = blocks[0]
         width = max(k.shape[-2] for k, _ in blocks)
         rows, size = sum(k.shape[0] for k, _ in blocks), max(capacity, width)
-        buffer = (torch.empty((rows, keys0.shape[1], size, keys0.shape[-1]), dtype=keys0.dtype, device=keys0.device),
-                  torch.empty((rows, values0.shape[1], size, values0.shape[-1]), dtype=values0.dtype,
-                              device=values0.device))
+        buffer = (_buffer(keys0, rows, size), _buffer(values0, rows, size))
         row = 0
         for block in blocks:
             n, pad = block[0].shape[0], width - block[0].shape[-2]
