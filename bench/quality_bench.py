@@ -30,7 +30,8 @@ synthetic unanswerable row per answerable dev row: the same question with its so
 of retrieval. ``--split dev-para``: ``qa/dev_paraphrased.jsonl`` (written for choosing options the way the
 test set asks: one user-worded paraphrase of each dev fact, without the documents' codes and wording, and
 16 hand-written questions the documents do not answer, checked against them with grep); metrics
-prefixed ``dev_para_``.
+prefixed ``dev_para_``. ``--split covid``: only the COVID-QA questions (first 200, ``--quick`` 30), ``rag`` and
+``rag+ft`` with ``--covid-adapter``; metrics prefixed ``covid_`` (``covid_ragft_token_f1`` among them).
 """
 
 from __future__ import annotations
@@ -185,7 +186,7 @@ def main() -> None:
                         "two adapters compared paired on the same rows, e.g. two training budgets")
     parser.add_argument("--covid-adapter", default=None, help="adapter for covid_ragft_token_f1")
     parser.add_argument("--covid-questions", type=Path, default=REPO / "data" / "covidqa" / "test.jsonl")
-    parser.add_argument("--split", choices=["test", "dev", "dev-para"], default="test")
+    parser.add_argument("--split", choices=["test", "dev", "dev-para", "covid"], default="test")
     parser.add_argument("--limit", type=int, default=0, help="first N rows of each set (0 = as --quick/full say; "
                         "dev: of qa/dev.jsonl, each with its synthetic unanswerable row)")
     parser.add_argument("--set", action="append", default=[], help="ragtune arm option key=value (ServeConfig), repeatable")
@@ -210,11 +211,15 @@ def main() -> None:
     baseline_cfg = load_config(ServeConfig, None, [*(f"{k}={v}" for k, v in BASELINE.items()), *args.baseline_set,
                                                    f"threads={args.threads}"])
     assistant = Assistant.open(args.home, ragtune_cfg, log=False)
+    if args.split == "covid":  # the public set alone: its collection and adapter stand in for the demo's
+        args.collection, args.adapter = "covidqa", args.covid_adapter
     modes = [m for m in args.modes.split(",") if m == "rag" or (m == "rag+ft" and args.adapter)]
     if args.split == "dev":
         sets = {"dev": dev_rows(args.limit)}  # the limit before the synthetic rows: both kinds stay in
     elif args.split == "dev-para":
         sets = {"dev-para": load(QA / "dev_paraphrased.jsonl")[:args.limit or None]}
+    elif args.split == "covid":
+        sets = {"covid": load(args.covid_questions)[:args.limit or (30 if args.quick else 200)]}
     else:
         test = load(QA / "test.jsonl")
         unseen = load(QA / "unseen.jsonl")
@@ -247,12 +252,17 @@ def main() -> None:
                                      if learned else None)
     print(json.dumps({"bench": "quality", "config": config_note}), flush=True)
     main_set = args.split
-    prefix = {"dev": "dev", "dev-para": "dev_para"}.get(args.split, "demo")
+    prefix = {"dev": "dev", "dev-para": "dev_para", "covid": "covid"}.get(args.split, "demo")
+
+    def shared(metric):  # the issue's demo metric names; on COVID-QA prefixed so that they are not mistaken for them
+        return f"covid_{metric}" if args.split == "covid" else metric
 
     def both(set_name, mode):
         return results.get((set_name, mode, "baseline")), results.get((set_name, mode, "ragtune"))
 
     def emit(metric, set_name, mode, key, unit, goal):
+        if args.split == "covid":  # issue 11 states one goal on COVID-QA; the demo's goals do not carry over
+            goal = ">= 30" if metric == "covid_ragft_token_f1" else None
         b, r = both(set_name, mode)
         sb, sr = (summary(b) if b else {}), (summary(r) if r else {})
         value = sr.get(key) if r else sb.get(key)
@@ -266,25 +276,26 @@ def main() -> None:
         emit(f"{prefix}_rag_correct", main_set, "rag", "correct", "%", ">= 40")
         emit(f"{prefix}_rag_token_f1", main_set, "rag", "token_f1", "", ">= 35")
         emit(f"{prefix}_rag_hit_at_k", main_set, "rag", "hit", "%", None)
-        emit("ttft_p50_s_rag", main_set, "rag", "ttft_p50", "s", "<= 1.0")
+        emit(shared("ttft_p50_s_rag"), main_set, "rag", "ttft_p50", "s", "<= 1.0")
         emit(f"{prefix}_rag_answer_words_p50", main_set, "rag", "words_p50", "words", None)
     ab_mode = "rag+ft" if "rag+ft" in modes else "rag"
     if "rag+ft" in modes:
         emit(f"{prefix}_ragft_correct", main_set, "rag+ft", "correct", "%", ">= 65")
         emit(f"{prefix}_ragft_token_f1", main_set, "rag+ft", "token_f1", "", ">= 60")
-        emit("citation_precision", main_set, "rag+ft", "citation", "%", ">= 80")
-        emit("answer_words_p50", main_set, "rag+ft", "words_p50", "words", "<= 30")
+        emit(shared("citation_precision"), main_set, "rag+ft", "citation", "%", ">= 80")
+        emit(shared("answer_words_p50"), main_set, "rag+ft", "words_p50", "words", "<= 30")
         b, r = both(main_set, "rag+ft")
         eff = {}
         for arm, res in (("baseline", b), ("ragtune", r)):
             if res:
                 s = summary(res)
                 eff[arm] = s["correct"] / s["hit"] if s["hit"] else None
-        line("reading_efficiency", eff.get("ragtune", eff.get("baseline")), "ratio", ">= 0.75", eff.get("baseline"), eff.get("ragtune"))
+        line(shared("reading_efficiency"), eff.get("ragtune", eff.get("baseline")), "ratio", None if args.split == "covid" else ">= 0.75", eff.get("baseline"), eff.get("ragtune"))
         if args.split == "test":
             emit("unseen_ragft_correct", "unseen", "rag+ft", "correct", "%", ">= 50")
-    emit("abstain_recall", main_set, ab_mode, "abstain_recall", "%", ">= 70")
-    emit("false_abstain", main_set, ab_mode, "false_abstain", "%", "<= 5")
+    if args.split != "covid":  # COVID-QA has no unanswerable rows
+        emit("abstain_recall", main_set, ab_mode, "abstain_recall", "%", ">= 70")
+        emit("false_abstain", main_set, ab_mode, "false_abstain", "%", "<= 5")
     if args.split == "test":
         if args.covid_adapter and args.covid_questions.exists():
             covid = load(args.covid_questions)[:200 if not args.quick else 30]
