@@ -72,13 +72,18 @@ def show_sources(answer: dict) -> None:
     with st.expander(label, expanded=False):
         if answer.get("refused"):
             st.caption("These passages were the closest matches to the question, but none was close enough to answer from.")
+        # where the answer stands in a source (grounded decoding's copied span, or a plain answer found again)
+        spans = {}
+        for sp in answer.get("spans") or []:
+            spans.setdefault(sp["n"], sp)
         for s in answer["sources"]:
             sim = f" · similarity {s['similarity']:.2f}" if s.get("similarity") is not None else ""
             mark = " · **cited**" if s.get("cited") else ""
             st.markdown(f"**[{s['n']}]** {webapp.escape_markdown(s['doc'])} · characters {s['start']}-{s['end']}{sim}{mark}")
             document = webapp.document_text(home, answer["collection"], s["doc"]) if answer.get("collection") else None
             if document is not None:
-                st.markdown(webapp.highlighted_span(document, s["start"], s["end"]))
+                span = spans.get(s["n"], s)  # the answer's words highlighted, else the whole passage
+                st.markdown(webapp.highlighted_span(document, span["start"], span["end"]))
             else:  # the document was deleted since: show the stored chunk as plain text
                 st.text(s["text"])
 

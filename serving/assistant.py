@@ -22,8 +22,8 @@ from typing import Any, Iterator, Sequence
 from serving.config import MODES, ServeConfig, ServingError
 from serving.generation import GenerationParams, TokenStream
 from serving.modes import uses_adapter, uses_retrieval
-from serving.prompts import (STOP_STRINGS, Turn, build_messages, cited_numbers, dont_know, flatten_with_offsets,
-                             retrieval_query)
+from serving.prompts import (STOP_STRINGS, Turn, build_messages, cited_numbers, claim_and_quote, dont_know,
+                             flatten_with_offsets, locate, retrieval_query)
 
 
 @dataclass
@@ -62,7 +62,7 @@ class Answer:
     refusal_reason: str = ""  # why it abstained (retrieval similarity, support score, or the model chose to)
     abstain_score: float | None = None  # support score of the best evidence sentence (see serving.evidence)
     spans: list[dict[str, Any]] = field(default_factory=list)  # grounded decoding: copied spans, each with its
-    #   source number n, doc and exact start/end in the document
+    #   source number n, doc and exact start/end in the document; plain decoding: where the answer stands in a cited source
     decoding: dict[str, Any] = field(default_factory=dict)  # the decoding options this answer used
     timings: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -132,10 +132,10 @@ class AnswerStream:
             answer.timings["tokens_per_s"] = round(rate, 2) if rate else None
             if self._constraint is None:
                 answer.cited = cited_numbers(answer.text, len(answer.sources))
-            if self._constraint is not None:
-                pass
-            elif answer.text.startswith(self._assistant.config.refusal_text.rstrip(".")):
-                answer.refused, answer.refusal_reason = True, "the model answered that the sources do not say"
+                if answer.text.startswith(self._assistant.config.refusal_text.rstrip(".")):
+                    answer.refused, answer.refusal_reason = True, "the model answered that the sources do not say"
+                elif answer.cited:
+                    self._check_claim(answer)
             for s in answer.sources:
                 s.cited = s.n in answer.cited
         answer.timings["total_s"] = round(time.perf_counter() - self._started, 4)
@@ -144,6 +144,28 @@ class AnswerStream:
             chat_id = self._chat_id or store.new_chat(answer.question)
             _, answer.message_id = store.log_exchange(chat_id, answer.question, answer)
             answer.chat_id = chat_id
+
+    @staticmethod
+    def _check_claim(answer: Answer) -> None:
+        """Plain decoding: find the answer's claim in the sources it cites (a span, as grounded decoding records
+        one, for the chat to highlight), and check the quote a RAFT adapter writes after it (``Evidence [n]:
+        "..."``): free text, often another sentence than the one holding the answer. A failed check is a note."""
+        claim, quoted, quote = claim_and_quote(answer.text)
+        by_n = {s.n: s for s in answer.sources}
+        for n in answer.cited:
+            where = locate(claim, by_n[n].text)
+            if where is not None:
+                source = by_n[n]
+                answer.spans.append({"text": source.text[where[0]:where[1]], "n": n, "doc": source.doc,
+                                     "start": source.start + where[0], "end": source.start + where[1]})
+                break
+        if quoted not in by_n or not quote:
+            return
+        if locate(quote, by_n[quoted].text) is None:
+            answer.notes.append(f"the quote after the answer is not in source [{quoted}]")
+        elif answer.spans and locate(claim, quote) is None:
+            answer.notes.append(f"the quote after the answer does not hold it; the answer's words are highlighted "
+                                f"in source [{answer.spans[0]['n']}]")
 
     def _grounded_result(self, answer: Answer) -> None:
         """Citations and spans from the grounded-decoding state: exact, not parsed from the text."""

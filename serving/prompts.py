@@ -144,6 +144,29 @@ def cited_numbers(answer: str, n_sources: int) -> list[int]:
     return seen
 
 
+_QUOTE_TAIL = re.compile(r"\s*Evidence\s*\[\s*(\d+)\s*\]\s*:\s*(.*)$", re.DOTALL)
+
+
+def claim_and_quote(answer: str) -> tuple[str, int | None, str]:
+    """An answer in the RAFT target format, ``{claim} [n]`` then ``Evidence [n]: "{quote}"``, split into its
+    claim (citation markers removed), the quote's source number and the quote (``None, ""`` without one)."""
+    m = _QUOTE_TAIL.search(answer)
+    head, n, quote = (answer[:m.start()], int(m.group(1)), m.group(2).strip().strip('"\u201c\u201d').strip()) if m else (answer, None, "")
+    return " ".join(_CITATION.sub(" ", head).split()).strip(" ."), n, quote
+
+
+def locate(needle: str, text: str) -> tuple[int, int] | None:
+    """Offsets of ``needle`` in ``text`` as whole words, case and whitespace runs ignored (how an answer copied
+    from a flattened source is found again in the chunk); None when absent or under 2 characters."""
+    words = needle.split()
+    if len("".join(words)) < 2:
+        return None
+    flat, where = flatten_with_offsets(text)
+    pattern = (r"(?<!\w)" if re.match(r"\w", words[0]) else "") + re.escape(" ".join(words)) + (r"(?!\w)" if re.search(r"\w$", words[-1]) else "")
+    m = re.search(pattern, flat, re.IGNORECASE)
+    return (where[m.start()], where[m.end() - 1] + 1) if m else None
+
+
 def dont_know(collection: str, best: float | None, threshold: float) -> str:
     if best is None:
         return f"I don't know: nothing in the collection '{collection}' matches this question."

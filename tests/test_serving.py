@@ -111,6 +111,38 @@ def test_generator_refuses_bad_adapters(serving_generator):
 
 # --- the assistant ----------------------------------------------------------------------------
 
+def test_plain_answer_is_found_in_its_cited_source_and_its_quote_checked():
+    """A RAFT adapter answers "{claim} [n]" then a free-text quote: the claim is located in the cited source
+    (a span in document offsets, for the chat to highlight) and a quote that is not the supporting text is flagged."""
+    from serving.assistant import Answer, AnswerStream, Source
+    from serving.prompts import claim_and_quote, locate
+
+    doc = ("Quiet mode\n\nWith firmware 3.4 you can schedule quiet mode for one window each night.\n"
+           "Switching it on lowers the\n  sound power by 4 dB(A) at full load.")
+    start = doc.index("With")
+    sources = [Source(1, "other.md", 1, "The HX-14 weighs 164 kg.", 0, 24, 1.0, 0.5),
+               Source(2, "quiet.md", 2, doc[start:], start, len(doc), 0.9, 0.4)]
+    assert claim_and_quote('4 dB(a) [2]\n\nEvidence [2]: "With firmware 3.4 you can"') == ("4 dB(a)", 2, "With firmware 3.4 you can")
+    assert claim_and_quote("It weighs 164 kg [1, 2].") == ("It weighs 164 kg", None, "")
+    assert locate("14 kg", sources[0].text) is None and locate("dB(A)", "4 dB(A)") == (2, 7)  # whole words only
+
+    def checked(text, cited):
+        answer = Answer("How much quieter?", "rag+ft", text, sources=sources, cited=cited)
+        AnswerStream._check_claim(answer)
+        return answer
+
+    wrong_quote = checked('4 dB(a) [2]\n\nEvidence [2]: "With firmware 3.4 you can schedule quiet mode"', [2])
+    [span] = wrong_quote.spans
+    assert doc[span["start"]:span["end"]] == "4 dB(A)" and span["n"] == 2 and span["doc"] == "quiet.md"
+    assert wrong_quote.notes == ["the quote after the answer does not hold it; the answer's words are highlighted in source [2]"]
+    invented = checked('4 dB(A) [2]\n\nEvidence [2]: "Quiet mode halves the noise"', [2])
+    assert invented.notes == ["the quote after the answer is not in source [2]"] and len(invented.spans) == 1
+    # a quote across the source's line break, and the answer found in the second cited source
+    good = checked('lowers the sound power by 4 dB(A) [1][2]\n\nEvidence [2]: "Switching it on lowers the sound power by 4 dB(A)"', [1, 2])
+    assert good.notes == [] and doc[good.spans[0]["start"]:good.spans[0]["end"]] == "lowers the\n  sound power by 4 dB(A)"
+    assert checked("About 3 dB [2]", [2]).spans == []  # not in the source: no span, no note
+
+
 def test_rag_answer_has_sources_with_spans_timings_and_is_logged(serving_assistant):
     a = serving_assistant
     answer = a.answer(WARRANTY_Q, "rag", "corvida")
