@@ -290,7 +290,8 @@ def main() -> None:
             if res:
                 s = summary(res)
                 eff[arm] = s["correct"] / s["hit"] if s["hit"] else None
-        line(shared("reading_efficiency"), eff.get("ragtune", eff.get("baseline")), "ratio", None if args.split == "covid" else ">= 0.75", eff.get("baseline"), eff.get("ragtune"))
+        line(shared("reading_efficiency"), eff.get("ragtune", eff.get("baseline")), "ratio",
+             None if args.split == "covid" else ">= 0.75", eff.get("baseline"), eff.get("ragtune"))
         if args.split == "test":
             emit("unseen_ragft_correct", "unseen", "rag+ft", "correct", "%", ">= 50")
     if args.split != "covid":  # COVID-QA has no unanswerable rows

@@ -151,8 +151,10 @@ def claim_and_quote(answer: str) -> tuple[str, int | None, str]:
     """An answer in the RAFT target format, ``{claim} [n]`` then ``Evidence [n]: "{quote}"``, split into its
     claim (citation markers removed), the quote's source number and the quote (``None, ""`` without one)."""
     m = _QUOTE_TAIL.search(answer)
-    head, n, quote = (answer[:m.start()], int(m.group(1)), m.group(2).strip().strip('"\u201c\u201d').strip()) if m else (answer, None, "")
-    return " ".join(_CITATION.sub(" ", head).split()).strip(" ."), n, quote
+    if m is None:
+        return " ".join(_CITATION.sub(" ", answer).split()).strip(" ."), None, ""
+    claim = " ".join(_CITATION.sub(" ", answer[:m.start()]).split()).strip(" .")
+    return claim, int(m.group(1)), m.group(2).strip().strip('"\u201c\u201d').strip()
 
 
 def locate(needle: str, text: str) -> tuple[int, int] | None:
@@ -162,8 +164,9 @@ def locate(needle: str, text: str) -> tuple[int, int] | None:
     if len("".join(words)) < 2:
         return None
     flat, where = flatten_with_offsets(text)
-    pattern = (r"(?<!\w)" if re.match(r"\w", words[0]) else "") + re.escape(" ".join(words)) + (r"(?!\w)" if re.search(r"\w$", words[-1]) else "")
-    m = re.search(pattern, flat, re.IGNORECASE)
+    before = r"(?<!\w)" if re.match(r"\w", words[0]) else ""  # whole words: "4.9" is not found in "14.9"
+    after = r"(?!\w)" if re.search(r"\w$", words[-1]) else ""
+    m = re.search(before + re.escape(" ".join(words)) + after, flat, re.IGNORECASE)
     return (where[m.start()], where[m.end() - 1] + 1) if m else None
 
 
