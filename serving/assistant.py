@@ -152,12 +152,16 @@ class AnswerStream:
         "..."``): free text, often another sentence than the one holding the answer. A failed check is a note."""
         claim, quoted, quote = claim_and_quote(answer.text)
         by_n = {s.n: s for s in answer.sources}
-        for n in answer.cited:
+        others = [s.n for s in answer.sources if s.n not in answer.cited]
+        for n in [*answer.cited, *others]:  # the cited sources first; then the words may stand in another one
             where = locate(claim, by_n[n].text)
             if where is not None:
                 source = by_n[n]
                 answer.spans.append({"text": source.text[where[0]:where[1]], "n": n, "doc": source.doc,
                                      "start": source.start + where[0], "end": source.start + where[1]})
+                if n in others:
+                    cited = ", ".join(f"[{c}]" for c in answer.cited)
+                    answer.notes.append(f"the answer's words are in source [{n}], not in the cited {cited}")
                 break
         if quoted not in by_n or not quote:
             return

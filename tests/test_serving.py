@@ -141,6 +141,9 @@ def test_plain_answer_is_found_in_its_cited_source_and_its_quote_checked():
     good = checked('lowers the sound power by 4 dB(A) [1][2]\n\nEvidence [2]: "Switching it on lowers the sound power by 4 dB(A)"', [1, 2])
     assert good.notes == [] and doc[good.spans[0]["start"]:good.spans[0]["end"]] == "lowers the\n  sound power by 4 dB(A)"
     assert checked("About 3 dB [2]", [2]).spans == []  # not in the source: no span, no note
+    miscited = checked("4 dB(A) [1]", [1])  # a right answer citing the wrong source: the span shows where it stands
+    assert [(s["n"], s["text"]) for s in miscited.spans] == [(2, "4 dB(A)")]
+    assert miscited.notes == ["the answer's words are in source [2], not in the cited [1]"]
 
 
 def test_rag_answer_has_sources_with_spans_timings_and_is_logged(serving_assistant):
