@@ -121,6 +121,14 @@ def _answer_caption(page, n: int):
     return captions.nth(n).inner_text()
 
 
+def _idle(page) -> None:
+    """Wait until the app's script run has finished (Streamlit's running icon gone): a form submitted while the
+    run that drew it is still going was lost once in a CI run (the correction was never saved)."""
+    from playwright.sync_api import expect
+
+    expect(page.get_by_test_id("stStatusWidgetRunningIcon")).to_have_count(0, timeout=60_000)
+
+
 def _tokens_per_s(caption: str) -> float:
     found = re.search(r"([\d.]+) tokens/s", caption)
     assert found, caption
@@ -159,6 +167,7 @@ def test_demo_flow_in_a_real_browser(app_server, trap_server, tmp_path):
             assert page.evaluate("window.__ragtune_injected === undefined")
             # 2. correct that answer (issue 13): the right answer and the source that holds it
             before = pending(app_server["home"], "corvida")["corrections"]
+            _idle(page)
             page.get_by_text("Correct this answer").first.click()
             page.get_by_label("The right answer").first.fill(CORRECTION)
             # the source stays "(not given)": picking an option in Streamlit's select from Playwright failed
