@@ -176,6 +176,11 @@ def dev_rows(limit: int = 0) -> list[dict]:
     return rows + synthetic
 
 
+def covid_rows(args) -> list[dict]:
+    """The COVID-QA test questions the metric reads: the first 200 (``--quick`` 30, ``--limit`` N)."""
+    return load(args.covid_questions)[:args.limit or (30 if args.quick else 200)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a stated subset (see above)")
@@ -219,7 +224,7 @@ def main() -> None:
     elif args.split == "dev-para":
         sets = {"dev-para": load(QA / "dev_paraphrased.jsonl")[:args.limit or None]}
     elif args.split == "covid":
-        sets = {"covid": load(args.covid_questions)[:args.limit or (30 if args.quick else 200)]}
+        sets = {"covid": covid_rows(args)}
     else:
         test = load(QA / "test.jsonl")
         unseen = load(QA / "unseen.jsonl")
@@ -299,7 +304,7 @@ def main() -> None:
         emit("false_abstain", main_set, ab_mode, "false_abstain", "%", "<= 5")
     if args.split == "test":
         if args.covid_adapter and args.covid_questions.exists():
-            covid = load(args.covid_questions)[:200 if not args.quick else 30]
+            covid = covid_rows(args)
             for arm in args.arms.split(","):
                 assistant.config = arms[arm]
                 results[("covid", "rag+ft", arm)] = answer_rows(assistant, covid, "rag+ft", "covidqa", args.covid_adapter,

@@ -23,7 +23,8 @@ from serving.config import MODES, ServeConfig, ServingError
 from serving.generation import GenerationParams, TokenStream
 from serving.modes import uses_adapter, uses_retrieval
 from serving.prompts import (STOP_STRINGS, Turn, build_messages, cited_numbers, claim_and_quote, dont_know,
-                             flatten_with_offsets, locate, retrieval_query)
+                             flatten_with_offsets, retrieval_query)
+from tuning.raft import find_answer
 
 
 @dataclass
@@ -154,7 +155,7 @@ class AnswerStream:
         by_n = {s.n: s for s in answer.sources}
         others = [s.n for s in answer.sources if s.n not in answer.cited]
         for n in [*answer.cited, *others]:  # the cited sources first; then the words may stand in another one
-            where = locate(claim, by_n[n].text)
+            where = find_answer(by_n[n].text, claim)
             if where is not None:
                 source = by_n[n]
                 answer.spans.append({"text": source.text[where[0]:where[1]], "n": n, "doc": source.doc,
@@ -165,9 +166,9 @@ class AnswerStream:
                 break
         if quoted not in by_n or not quote:
             return
-        if locate(quote, by_n[quoted].text) is None:
+        if find_answer(by_n[quoted].text, quote) is None:
             answer.notes.append(f"the quote after the answer is not in source [{quoted}]")
-        elif answer.spans and locate(claim, quote) is None:
+        elif answer.spans and find_answer(quote, claim) is None:
             answer.notes.append(f"the quote after the answer does not hold it; the answer's words are highlighted "
                                 f"in source [{answer.spans[0]['n']}]")
 

@@ -144,30 +144,22 @@ def cited_numbers(answer: str, n_sources: int) -> list[int]:
     return seen
 
 
-_QUOTE_TAIL = re.compile(r"\s*Evidence\s*\[\s*(\d+)\s*\]\s*:\s*(.*)$", re.DOTALL)
+_EVIDENCE = re.compile(r"\n\s*Evidence\b(?:\s*\[\s*(\d+)\s*\]\s*:)?(.*)", re.DOTALL)  # RAFT's quote after the answer
+_CITE = re.compile(r"\s*\[\d+(?:\s*[,;]\s*\d+)*\]")
+
+
+def answer_for_scoring(text: str) -> str:
+    """The answer itself: without the quoted evidence (RAFT-style outputs) and the [n] markers."""
+    return _CITE.sub("", _EVIDENCE.sub("", text)).strip()
 
 
 def claim_and_quote(answer: str) -> tuple[str, int | None, str]:
     """An answer in the RAFT target format, ``{claim} [n]`` then ``Evidence [n]: "{quote}"``, split into its
-    claim (citation markers removed), the quote's source number and the quote (``None, ""`` without one)."""
-    m = _QUOTE_TAIL.search(answer)
-    if m is None:
-        return " ".join(_CITATION.sub(" ", answer).split()).strip(" ."), None, ""
-    claim = " ".join(_CITATION.sub(" ", answer[:m.start()]).split()).strip(" .")
-    return claim, int(m.group(1)), m.group(2).strip().strip('"\u201c\u201d').strip()
-
-
-def locate(needle: str, text: str) -> tuple[int, int] | None:
-    """Offsets of ``needle`` in ``text`` as whole words, case and whitespace runs ignored (how an answer copied
-    from a flattened source is found again in the chunk); None when absent or under 2 characters."""
-    words = needle.split()
-    if len("".join(words)) < 2:
-        return None
-    flat, where = flatten_with_offsets(text)
-    before = r"(?<!\w)" if re.match(r"\w", words[0]) else ""  # whole words: "4.9" is not found in "14.9"
-    after = r"(?!\w)" if re.search(r"\w$", words[-1]) else ""
-    m = re.search(before + re.escape(" ".join(words)) + after, flat, re.IGNORECASE)
-    return (where[m.start()], where[m.end() - 1] + 1) if m else None
+    claim (:func:`answer_for_scoring`, a final period dropped), the quote's source number and the quote
+    (``None, ""`` without one)."""
+    m = _EVIDENCE.search(answer)
+    n, quote = (int(m.group(1)), m.group(2).strip().strip('"\u201c\u201d').strip()) if m and m.group(1) else (None, "")
+    return answer_for_scoring(answer).rstrip(" ."), n, quote
 
 
 def dont_know(collection: str, best: float | None, threshold: float) -> str:

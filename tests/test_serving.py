@@ -115,7 +115,8 @@ def test_plain_answer_is_found_in_its_cited_source_and_its_quote_checked():
     """A RAFT adapter answers "{claim} [n]" then a free-text quote: the claim is located in the cited source
     (a span in document offsets, for the chat to highlight) and a quote that is not the supporting text is flagged."""
     from serving.assistant import Answer, AnswerStream, Source
-    from serving.prompts import claim_and_quote, locate
+    from serving.prompts import claim_and_quote
+    from tuning.raft import find_answer
 
     doc = ("Quiet mode\n\nWith firmware 3.4 you can schedule quiet mode for one window each night.\n"
            "Switching it on lowers the\n  sound power by 4 dB(A) at full load.")
@@ -124,7 +125,7 @@ def test_plain_answer_is_found_in_its_cited_source_and_its_quote_checked():
                Source(2, "quiet.md", 2, doc[start:], start, len(doc), 0.9, 0.4)]
     assert claim_and_quote('4 dB(a) [2]\n\nEvidence [2]: "With firmware 3.4 you can"') == ("4 dB(a)", 2, "With firmware 3.4 you can")
     assert claim_and_quote("It weighs 164 kg [1, 2].") == ("It weighs 164 kg", None, "")
-    assert locate("14 kg", sources[0].text) is None and locate("dB(A)", "4 dB(A)") == (2, 7)  # whole words only
+    assert find_answer(sources[0].text, "14 kg") is None and find_answer("4 dB(A)", "dB(A)") == (2, 7)  # whole words only
 
     def checked(text, cited):
         answer = Answer("How much quieter?", "rag+ft", text, sources=sources, cited=cited)

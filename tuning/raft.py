@@ -66,13 +66,18 @@ def _find_doc(col, doc: str, known: list[str]) -> str | None:
     return matches[0] if len(matches) == 1 else None
 
 
+def find_answer(text: str, answer: str) -> tuple[int, int] | None:
+    """Where ``answer`` occurs in ``text`` as whole words, case and spacing ignored ("7 years" is in "after 7
+    years," but "6" is not in "16"), as offsets into ``text``; None when it does not or ``answer`` is empty."""
+    words = answer.split()
+    if not words:
+        return None
+    m = re.search(r"(?<!\w)" + r"\s+".join(map(re.escape, words)) + r"(?!\w)", text, re.IGNORECASE)
+    return m.span() if m else None
+
+
 def holds_answer(text: str, answer: str) -> bool:
-    """``answer`` occurs in ``text`` as whole words, case and spacing ignored ("7 years" is in "after 7 years,"
-    but "6" is not in "16")."""
-    needle = " ".join(answer.lower().split())
-    if not needle:
-        return False
-    return re.search(r"(?<!\w)" + re.escape(needle) + r"(?!\w)", " ".join(text.lower().split())) is not None
+    return find_answer(text, answer) is not None
 
 
 def _oracle_chunk(col, doc: str, span: tuple[int, int]):

@@ -24,6 +24,7 @@ from core.names import InvalidName, check_name
 from serving.ab import metrics
 from serving.ab.runs import ABStore, cache_key
 from serving.modes import uses_adapter, uses_retrieval
+from serving.prompts import answer_for_scoring
 
 ARMS = ("base", "rag", "ft", "rag+ft")
 HIT_DEPTH = 10  # retrieval depth stored for the hit@k curve
@@ -86,15 +87,6 @@ def load_questions(path: str | Path) -> list[dict[str, Any]]:
     if not rows:
         raise ConfigError(f"{path}: no questions")
     return rows
-
-
-_EVIDENCE = re.compile(r"\n\s*Evidence\b.*", re.DOTALL)
-_CITE = re.compile(r"\s*\[\d+(?:\s*[,;]\s*\d+)*\]")
-
-
-def answer_for_scoring(text: str) -> str:
-    """The answer itself: without the quoted evidence (RAFT-style outputs) and the [n] markers."""
-    return _CITE.sub("", _EVIDENCE.sub("", text)).strip()
 
 
 def prompt_hash(assistant: Any) -> str:
