@@ -50,7 +50,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 QA = REPO / "corpora" / "corvida" / "qa"
 BASELINE = {"grounded": False, "cad_alpha": 0.0, "evidence_sentences": 0, "abstain_threshold": 0.0,
-            "ragft_grounded": False, "ragft_evidence_sentences": 0, "evidence_ranker": "fixed"}
+            "ragft_grounded": False, "ragft_evidence_sentences": 0, "ragft_reading": "config", "evidence_ranker": "fixed"}
 MAX_NEW_TOKENS = 64  # as the A/B runner
 SAMPLES_FILE: Path | None = None
 
@@ -255,6 +255,9 @@ def main() -> None:
     learned = load_ranker(assistant.workspace.get(args.collection))  # what evidence_ranker=auto finds in the collection
     config_note["learned_ranker"] = ({k: learned.manifest.get(k) for k in ("rows", "questions_used", "c", "data_sha256", "created")}
                                      if learned else None)
+    # the ragtune arm's rag+ft reads in the layout recorded with its adapter (`ragtune adapters reading`), if any
+    config_note["adapter_reading"] = {name: assistant.generator.check_adapter(name).get("reading")
+                                      for name in {args.adapter, args.covid_adapter} - {None, ""}}
     print(json.dumps({"bench": "quality", "config": config_note}), flush=True)
     main_set = args.split
     prefix = {"dev": "dev", "dev-para": "dev_para", "covid": "covid"}.get(args.split, "demo")

@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Sequence
 
-from serving.config import MODES, ServeConfig, ServingError
+from serving.config import MODES, ServeConfig, ServingError, check_reading
 from serving.generation import GenerationParams, TokenStream
 from serving.modes import uses_adapter, uses_retrieval
 from serving.prompts import (STOP_STRINGS, Turn, build_messages, cited_numbers, claim_and_quote, dont_know,
@@ -244,8 +244,9 @@ class Assistant:
         self.generator.warm_up()
 
     # --- checks -------------------------------------------------------------------------------
-    def check(self, question: str, mode: str, collection: str | None, adapter: str | None) -> None:
-        """Raise :class:`ServingError` (one line, says what to do) for a request that cannot be served."""
+    def check(self, question: str, mode: str, collection: str | None, adapter: str | None) -> dict[str, Any] | None:
+        """Raise :class:`ServingError` (one line, says what to do) for a request that cannot be served; returns
+        the adapter's manifest when the mode uses one."""
         from rag.collection import CollectionError
 
         if not isinstance(question, str) or not question.strip():
@@ -272,10 +273,11 @@ class Assistant:
                 hint = (f"pick one of: {', '.join(usable)}" if usable else
                         "train one first: ragtune tune CONFIG (or use mode rag)")
                 raise ServingError(f"mode {mode} needs an adapter; {hint}")
-            self.generator.check_adapter(adapter)
-        elif adapter:
+            return self.generator.check_adapter(adapter)
+        if adapter:
             raise ServingError(f"mode {mode} uses no adapter; use mode {'rag+ft' if mode == 'rag' else 'ft'} to answer "
                                f"with adapter {adapter!r}")
+        return None
 
     # --- answering ----------------------------------------------------------------------------
     def stream(self, question: str, mode: str = "rag", collection: str | None = None, adapter: str | None = None,
@@ -283,8 +285,10 @@ class Assistant:
                log: bool = True, max_new_tokens: int | None = None, temperature: float | None = None) -> AnswerStream:
         """Check, retrieve, build the prompt and start generating; iterate the result for text pieces."""
         started = time.perf_counter()
-        self.check(question, mode, collection, adapter)
-        cfg = self.config.for_mode(mode)
+        manifest = self.check(question, mode, collection, adapter)
+        # rag+ft reads in the layout recorded with the adapter (chosen on a dev split), if it has one
+        reading = check_reading(manifest.get("reading"), adapter) if manifest and mode == "rag+ft" else None
+        cfg = self.config.for_mode(mode, reading)
         question = question.strip()
         turns = normalize_history(history)
         use_adapter = adapter if uses_adapter(mode) else None
@@ -365,6 +369,8 @@ class Assistant:
         answer.decoding = {"grounded": bool(constraint), "grounded_spans": cfg.grounded_spans if constraint else 0, "cad_alpha": params.cad_alpha if params.contrast_ids else 0.0,
                            "evidence_sentences": cfg.evidence_sentences if rag else 0, "evidence_ranker": ranker, "k": k or cfg.k if rag else 0,
                            "source_tokens": cfg.source_tokens, "abstain_threshold": cfg.abstain_threshold if rag else 0.0}
+        if reading and cfg.ragft_reading == "adapter":
+            answer.decoding["reading"] = "adapter"  # the options above came from the adapter's recorded layout
         precision = getattr(self.generator, "prefill_precision", None)
         if precision is not None:
             answer.decoding["prefill"] = precision(params.prefill_bf16)

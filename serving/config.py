@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 from core.config import ConfigError, field
 
@@ -74,6 +74,10 @@ class ServeConfig:
     ragft_grounded_spans: int = field(0, help="rag+ft: at most this many copied spans (as `grounded_spans`)")
     ragft_evidence_sentences: int = field(0, help="rag+ft: the best N sentences instead of whole chunks (as "
                                                   "`evidence_sentences`; 0 = whole chunks, the RAFT rows' layout)")
+    ragft_reading: Literal["adapter", "config"] = field("adapter", help="rag+ft: adapter = read in the layout recorded with "
+                                                        "the adapter (`ragtune adapters reading`, chosen on a dev split) "
+                                                        "when it has one, else the ragft_* options; config = always the "
+                                                        "ragft_* options")
 
     def __post_init__(self) -> None:
         if self.k < 1 or self.k > 20:
@@ -113,12 +117,40 @@ class ServeConfig:
         if self.history_turns < 0 or self.max_question_chars < 1:
             raise ConfigError("history_turns must be >= 0 and max_question_chars >= 1")
 
-    def for_mode(self, mode: str) -> "ServeConfig":
-        """The options one answer in ``mode`` reads with: ``rag+ft`` takes its ``ragft_*`` reading options."""
+    def for_mode(self, mode: str, reading: dict[str, Any] | None = None) -> "ServeConfig":
+        """The options one answer in ``mode`` reads with: ``rag+ft`` takes the adapter's recorded ``reading``
+        layout (:func:`check_reading`) when it has one and ``ragft_reading`` is ``adapter``, else its ``ragft_*``
+        options."""
         if mode != "rag+ft":
             return self
+        if reading and self.ragft_reading == "adapter":
+            return replace(self, **{key: reading[key] for key in READING_KEYS})
         return replace(self, grounded=self.ragft_grounded, grounded_spans=self.ragft_grounded_spans,
                        evidence_sentences=self.ragft_evidence_sentences)
 
 
-__all__ = ["ServeConfig", "ServingError", "ConfigError", "Mode", "MODES"]
+# The options a reading layout sets (an adapter answers best in the layout it was trained or chosen in)
+READING_KEYS = ("evidence_sentences", "grounded", "grounded_spans")
+
+
+def check_reading(raw: Any, adapter: str) -> dict[str, Any] | None:
+    """An adapter manifest's ``reading`` record as the three options (None when it has none), checked as the
+    ``ragft_*`` options are; a damaged record is a one-line ServingError naming the adapter and the fix."""
+    if raw is None:
+        return None
+    from core.config import build_config
+
+    try:
+        if not isinstance(raw, dict):
+            raise ConfigError("not a mapping")
+        missing = [key for key in READING_KEYS if key not in raw]
+        if missing:
+            raise ConfigError(f"missing {', '.join(missing)}")
+        checked = build_config(ServeConfig, {f"ragft_{key}": raw[key] for key in READING_KEYS}, source="reading")
+    except ConfigError as exc:
+        raise ServingError(f"adapter {adapter!r}: its recorded reading layout is damaged ({exc}); set it again with "
+                           f"`ragtune adapters reading {adapter} --layout chunks` or clear it with --clear") from None
+    return {key: getattr(checked, f"ragft_{key}") for key in READING_KEYS}
+
+
+__all__ = ["ServeConfig", "ServingError", "ConfigError", "Mode", "MODES", "READING_KEYS", "check_reading"]

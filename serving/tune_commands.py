@@ -1,4 +1,4 @@
-"""Tuning commands for the ``ragtune`` CLI: tune, adapters (list / rm / merge), data raft, classify, tune-retriever, tune-ranker.
+"""Tuning commands for the ``ragtune`` CLI: tune, adapters (list / rm / merge / reading), data raft, classify, tune-retriever, tune-ranker.
 
 ``register(app)`` adds them to the lead's typer app in ``serving/cli.py``. Heavy imports happen inside
 the commands so ``ragtune --help`` stays fast. User-fixable problems raise ``tuning.errors.TuningError``
@@ -81,7 +81,8 @@ def adapters_list(
         score = m.get("eval_loss", m.get("test_accuracy"))
         extra = f" eval_loss={score}" if "eval_loss" in m else (f" accuracy={score}" if score is not None else "")
         forgot = f" general_ppl={a['forgetting']:+.1f}%" if isinstance(a.get("forgetting"), (int, float)) else ""
-        typer.echo(f"{a['name']}\t{a.get('task')}/{a.get('method')}\t{a.get('base_model')}\t{a.get('created')}{extra}{forgot}")
+        reads = f" reading={a['reading']}" if a.get("reading") else ""
+        typer.echo(f"{a['name']}\t{a.get('task')}/{a.get('method')}\t{a.get('base_model')}\t{a.get('created')}{extra}{forgot}{reads}")
 
 
 def _home_from(ctx: typer.Context, home: Optional[str]) -> Optional[str]:
@@ -117,6 +118,69 @@ def adapters_merge(
 
     path = merge_adapter(ragtune_home(_home_from(ctx, home)), name, out)
     typer.echo(f"merged model written to {path}")
+
+
+@adapters_app.command("reading")
+def adapters_reading(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="adapter name"),
+    collection: Optional[str] = typer.Option(None, "--collection", "-c", help="collection the dev questions are asked of"),
+    questions: Optional[Path] = typer.Option(None, "--questions", help="dev questions (JSONL {question, answer}; never the test set)"),
+    limit: int = typer.Option(0, "--limit", help="only the first N dev questions (0 = all)"),
+    layout: Optional[str] = typer.Option(None, "--layout", help="set by hand instead of measuring: chunks or sentences"),
+    clear: bool = typer.Option(False, "--clear", help="forget the recorded layout (rag+ft then reads with the ragft_* options)"),
+    overrides: Optional[List[str]] = typer.Option(None, "--set", help="serving option for the measurement, e.g. --set k=4"),
+    as_json: bool = typer.Option(False, "--json", help="print the reading record as JSON"),
+    home: Optional[str] = _HOME,
+) -> None:
+    """Choose the layout the adapter reads its sources in (whole chunks, or the best sentence copied with
+    grounded decoding) on dev questions, and record it with the adapter; rag+ft answers then use it.
+
+    Example: ragtune adapters reading covidqa-raft -c covidqa --questions data/covidqa/dev.jsonl --limit 100
+    """
+    from core.config import load_config
+    from core.workspace import ragtune_home
+    from serving.ab.reading import choose_reading, layout_record
+    from serving.config import ServeConfig, ServingError, check_reading
+    from tuning.adapters import get_adapter, set_reading
+
+    root = ragtune_home(_home_from(ctx, home))
+    if sum(bool(x) for x in (questions, layout, clear)) > 1:
+        raise ServingError("use one of --questions (measure), --layout (set by hand) or --clear")
+    if clear or layout:
+        record = None if clear else layout_record(layout)
+        set_reading(root, name, record)
+    elif questions:
+        if not collection:
+            raise ServingError("--questions needs --collection, the collection the dev questions are asked of")
+        from serving.assistant import Assistant
+        from tqdm import tqdm
+
+        assistant = Assistant.open(root, load_config(ServeConfig, None, overrides or []), log=False)
+        bar = tqdm(total=0, desc=f"reading {name}", unit="answer")
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        record = choose_reading(assistant, name, collection, questions, limit, progress)
+        bar.close()
+        set_reading(root, name, record)
+    else:
+        record = get_adapter(root, name)[1].get("reading")
+        check_reading(record, name)
+    if as_json:
+        _emit(record)
+    elif record is None:
+        typer.echo(f"{name}: no reading layout recorded; rag+ft reads with the ragft_* options")
+    else:
+        figures = record.get("chosen_on")
+        how = (f"token F1 chunks {figures['token_f1']['chunks']} vs sentences {figures['token_f1']['sentences']} "
+               f"(sentences - chunks {figures['sentences_minus_chunks_f1'][0]:+.1f} "
+               f"[{figures['sentences_minus_chunks_f1'][1]:+.1f}, {figures['sentences_minus_chunks_f1'][2]:+.1f}]) "
+               f"on {figures['n']} questions of {figures['questions']}"
+               if isinstance(figures, dict) else str(figures))
+        typer.echo(f"{name}: reads {record['layout']} in rag+ft; {how}")
 
 
 data_app = typer.Typer(help="Build training data.", no_args_is_help=True)

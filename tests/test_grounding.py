@@ -292,3 +292,64 @@ def test_evidence_rows_follow_the_layout_rag_serves(serving_home, serving_genera
     assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == [r["id"] for r in rows if r["id"].endswith("-e1")
                                                                            and r["id"][:-3] in {q["id"] for q in questions[:2]}]
     assert report.out == str(out)
+
+
+def test_adapter_reading_layout_is_chosen_on_dev_recorded_and_served(serving_home, serving_generator, tmp_path,
+                                                                       monkeypatch, capsys):
+    """`ragtune adapters reading`: both layouts are answered on the dev questions, the one with the higher mean
+    token F1 is recorded in the adapter's manifest with its figures, and rag+ft answers read in it (ragft_reading=
+    config ignores it); set by hand, cleared, and a damaged record or a bad request is a one-line error."""
+    import json
+
+    from rag.collection import Workspace
+    from serving.ab.reading import LAYOUTS, choose_reading
+    from serving.assistant import Assistant
+    from serving.cli import main
+    from serving.config import ServingError
+    from tuning.adapters import get_adapter, set_reading
+
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("\n".join(json.dumps({"id": f"d{i}", "question": q, "answer": a}) for i, (q, a) in enumerate(
+        [(QUESTIONS[0], "7 years"), (QUESTIONS[1], "the flow")])) + "\n", encoding="utf-8")
+    assistant = Assistant(Workspace(serving_home), serving_generator, ServeConfig(max_new_tokens=8, k=2))
+    try:
+        record = choose_reading(assistant, "alpha", "corvida", dev)
+        figures = record["chosen_on"]
+        assert figures["n"] == 2 and set(figures["token_f1"]) == set(LAYOUTS) == set(figures["correct"])
+        better = "sentences" if figures["token_f1"]["sentences"] > figures["token_f1"]["chunks"] else "chunks"
+        assert record["layout"] == better and {k: record[k] for k in LAYOUTS[better]} == LAYOUTS[better]
+        low, mean, high = (figures["sentences_minus_chunks_f1"][i] for i in (1, 0, 2))
+        assert low <= mean <= high
+        # set by hand: rag+ft reads in it; the config can still overrule
+        set_reading(serving_home, "alpha", {**LAYOUTS["sentences"], "layout": "sentences", "chosen_on": "set by hand"})
+        served = assistant.answer(QUESTIONS[0], "rag+ft", "corvida", "alpha", log=False)
+        assert served.decoding["evidence_sentences"] == 1 and served.decoding["grounded"]
+        assert served.decoding["reading"] == "adapter" and len(served.sources) == 1
+        own = Assistant(Workspace(serving_home), serving_generator, ServeConfig(max_new_tokens=8, k=2, ragft_reading="config"))
+        plain = own.answer(QUESTIONS[0], "rag+ft", "corvida", "alpha", log=False)
+        assert plain.decoding["evidence_sentences"] == 0 and "reading" not in plain.decoding and len(plain.sources) == 2
+        assert assistant.answer(QUESTIONS[0], "rag", "corvida", log=False).decoding.get("reading") is None
+        # a damaged record names the adapter and the fix; the manifest's other fields are kept
+        folder, manifest = get_adapter(serving_home, "alpha")
+        set_reading(serving_home, "alpha", {"layout": "x", "evidence_sentences": "many", "grounded": True, "grounded_spans": 0})
+        with pytest.raises(ServingError, match=r"adapter 'alpha'.*damaged.*--clear"):
+            assistant.answer(QUESTIONS[0], "rag+ft", "corvida", "alpha", log=False)
+        # the CLI: by hand, shown, cleared; bad requests are one line
+        monkeypatch.setenv("RAGTUNE_HOME", str(serving_home))
+        for argv, code, text in [
+            (["adapters", "reading", "alpha", "--layout", "chunks", "--json"], 0, '"layout": "chunks"'),
+            (["adapters", "reading", "alpha"], 0, "alpha: reads chunks in rag+ft; set by hand"),
+            (["adapters", "reading", "alpha", "--clear"], 0, "no reading layout recorded"),
+            (["adapters", "reading", "alpha", "--layout", "pages"], 1, "error: unknown reading layout 'pages'; use one of: chunks, sentences"),
+            (["adapters", "reading", "alpha", "--questions", str(dev)], 1, "error: --questions needs --collection"),
+            (["adapters", "reading", "../alpha", "--layout", "chunks"], 1, "error: "),
+        ]:
+            with pytest.raises(SystemExit) as info:
+                main(argv)
+            captured = capsys.readouterr()
+            assert info.value.code == code and text in (captured.out if code == 0 else captured.err), argv
+            assert "Traceback" not in captured.err
+        after = get_adapter(serving_home, "alpha")[1]
+        assert "reading" not in after and {k: v for k, v in manifest.items() if k != "reading"} == after
+    finally:
+        set_reading(serving_home, "alpha", None)

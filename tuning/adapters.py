@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from core.files import write_atomic
 from core.names import InvalidName
 from core.workspace import Layout
 from tuning.errors import AdapterError
@@ -54,7 +55,20 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    (Path(folder) / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
+    # atomic: a crash while an adapter's reading layout is recorded leaves the old manifest, never half of one
+    write_atomic(Path(folder) / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n", fsync=True)
+
+
+def set_reading(home: Path, name: str, reading: dict[str, Any] | None) -> dict[str, Any]:
+    """Record (or with None clear) the reading layout adapter ``name`` is served with in rag+ft
+    (``serving.config.check_reading`` reads it); returns the new manifest."""
+    folder, manifest = get_adapter(home, name)
+    if reading is None:
+        manifest.pop("reading", None)
+    else:
+        manifest["reading"] = reading
+    write_manifest(folder, manifest)
+    return manifest
 
 
 def get_adapter(home: Path, name: str) -> tuple[Path, dict[str, Any]]:
@@ -86,6 +100,7 @@ def list_adapters(home: Path) -> list[dict[str, Any]]:
             "created": m.get("created"),
             "metrics": m.get("metrics", {}),
             "forgetting": (m.get("forgetting") or {}).get("perplexity_change_pct"),
+            "reading": (m.get("reading") or {}).get("layout") if isinstance(m.get("reading"), dict) else None,
             "size_mb": round(sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e6, 2),
             "path": str(folder),
         })
