@@ -14,12 +14,14 @@ do. Every answer is logged (question, mode, collection version, adapter, sources
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
-from serving.config import MODES, ServeConfig, ServingError, check_reading
+from serving.config import MODES, WHOLE_CHUNKS, ServeConfig, ServingError, check_reading
 from serving.generation import GenerationParams, TokenStream
 from serving.modes import uses_adapter, uses_retrieval
 from serving.prompts import (STOP_STRINGS, Turn, build_messages, cited_numbers, claim_and_quote, dont_know,
@@ -88,8 +90,10 @@ class AnswerStream:
     Retrieval has happened when this object exists, so ``sources`` can be shown before the first token."""
 
     def __init__(self, assistant: "Assistant", answer: Answer, tokens: TokenStream | None, started: float,
-                 chat_id: int | None, log: bool, constraint: Any = None, source_maps: Sequence[Any] = ()) -> None:
+                 chat_id: int | None, log: bool, constraint: Any = None, source_maps: Sequence[Any] = (),
+                 second_look: Callable[[], "AnswerStream"] | None = None) -> None:
         self.answer = answer
+        self._second_look = second_look  # starts the answer over the whole chunks, if this one is a refusal
         self._constraint = constraint
         self._source_maps = list(source_maps)
         self.sources = answer.sources
@@ -113,17 +117,22 @@ class AnswerStream:
             parts.append(answer.text)
             yield answer.text
         else:
+            # second look: pieces that may begin a refusal are held back until the text says otherwise
+            holding, marker = self._second_look is not None, ""
             for piece in self._tokens:
                 if "ttft_s" not in answer.timings:
                     answer.timings["ttft_s"] = round(time.perf_counter() - self._started, 4)
                 parts.append(piece)
+                if holding:
+                    if self._may_be_refusal("".join(parts)):
+                        continue
+                    holding, piece = False, "".join(parts)
                 yield piece
             answer.text = "".join(parts).strip()
             if self._constraint is not None:  # grounded: the exact citations of the copied spans, appended
                 self._grounded_result(answer)
                 marker = "".join(f"[{n}]" for n in answer.cited)
                 if marker and not answer.refused:
-                    yield " " + marker
                     answer.text = f"{answer.text} {marker}"
             answer.finish_reason = self._tokens.finish_reason
             answer.timings["prompt_tokens"] = self._tokens.prompt_tokens
@@ -139,12 +148,45 @@ class AnswerStream:
                     self._check_claim(answer)
             for s in answer.sources:
                 s.cited = s.n in answer.cited
+            if holding and answer.refused:
+                yield from self._look_again(answer)
+            else:
+                if holding:
+                    yield "".join(parts)
+                if marker and not answer.refused:
+                    yield " " + marker
         answer.timings["total_s"] = round(time.perf_counter() - self._started, 4)
         if self._log and self._assistant.store is not None:
             store = self._assistant.store
             chat_id = self._chat_id or store.new_chat(answer.question)
             _, answer.message_id = store.log_exchange(chat_id, answer.question, answer)
             answer.chat_id = chat_id
+
+    def _may_be_refusal(self, text: str) -> bool:
+        """True while ``text`` is the beginning of the refusal sentence, or starts with it (case and spacing ignored)."""
+        said, refusal = " ".join(text.split()).lower(), " ".join(self._assistant.config.refusal_text.split()).lower()
+        return refusal.startswith(said) or said.startswith(refusal.rstrip("."))
+
+    def _look_again(self, answer: Answer) -> Iterator[str]:
+        """The model said the sources do not say from the best sentence(s): answer again from the whole retrieved
+        chunks (plain decoding), stream that, and make it this answer; the first look's text stays in ``decoding``."""
+        first_text, first_reason = answer.text, answer.refusal_reason
+        again = self._second_look()
+        for piece in again:
+            if "second_look_ttft_s" not in answer.timings:
+                answer.timings["second_look_ttft_s"] = round(time.perf_counter() - self._started, 4)
+            yield piece
+        first_timings = dict(answer.timings)
+        for f in dataclasses.fields(Answer):
+            if f.name not in ("question", "message_id", "chat_id"):
+                setattr(answer, f.name, getattr(again.answer, f.name))
+        # what a user waited for: the first piece shown came from the second look
+        answer.timings["first_look_s"] = first_timings.get("ttft_s")
+        answer.timings["ttft_s"] = first_timings.get("second_look_ttft_s", answer.timings.get("ttft_s"))
+        answer.decoding["second_look"] = True
+        answer.decoding["first_look"] = first_text
+        answer.notes.insert(0, f"second look: from the best sentence the model answered that the sources do not say "
+                               f"({first_reason}); this answer reads the whole retrieved chunks")
 
     @staticmethod
     def _check_claim(answer: Answer) -> None:
@@ -282,13 +324,16 @@ class Assistant:
     # --- answering ----------------------------------------------------------------------------
     def stream(self, question: str, mode: str = "rag", collection: str | None = None, adapter: str | None = None,
                history: Sequence[Any] | None = None, *, k: int | None = None, chat_id: int | None = None,
-               log: bool = True, max_new_tokens: int | None = None, temperature: float | None = None) -> AnswerStream:
+               log: bool = True, max_new_tokens: int | None = None, temperature: float | None = None,
+               _layout: dict[str, Any] | None = None) -> AnswerStream:
         """Check, retrieve, build the prompt and start generating; iterate the result for text pieces."""
         started = time.perf_counter()
         manifest = self.check(question, mode, collection, adapter)
         # rag+ft reads in the layout recorded with the adapter (chosen on a dev split), if it has one
         reading = check_reading(manifest.get("reading"), adapter) if manifest and mode == "rag+ft" else None
         cfg = self.config.for_mode(mode, reading)
+        if _layout:  # a second look reads the whole chunks
+            cfg = dataclasses.replace(cfg, **_layout)
         question = question.strip()
         turns = normalize_history(history)
         use_adapter = adapter if uses_adapter(mode) else None
@@ -374,8 +419,11 @@ class Assistant:
         precision = getattr(self.generator, "prefill_precision", None)
         if precision is not None:
             answer.decoding["prefill"] = precision(params.prefill_bf16)
+        look_again = (functools.partial(self.stream, question, mode, collection, adapter, history, k=k, log=False,
+                                        max_new_tokens=max_new_tokens, temperature=temperature, _layout=WHOLE_CHUNKS)
+                      if cfg.second_look and cfg.evidence_sentences and rag else None)
         tokens = self.generator.stream(plan.messages, adapter=use_adapter, params=params)
-        return AnswerStream(self, answer, tokens, started, chat_id, log, constraint, maps)
+        return AnswerStream(self, answer, tokens, started, chat_id, log, constraint, maps, look_again)
 
     def answer(self, question: str, mode: str = "rag", collection: str | None = None, adapter: str | None = None,
                history: Sequence[Any] | None = None, **kwargs: Any) -> Answer:

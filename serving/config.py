@@ -63,6 +63,9 @@ class ServeConfig:
                                              "mix; fixed = always the fixed mix")
     evidence_window_tokens: int = field(8, help="each evidence sentence is widened with its neighbours up to this many model "
                                                "tokens (8: in practice the sentence alone)")
+    second_look: bool = field(False, help="evidence first: when the model answers from the best sentence(s) that the sources "
+                                          "do not say, read the whole retrieved chunks (decoded plainly) before abstaining; "
+                                          "the first look's refusal is held back, not streamed")
     abstain_threshold: float = field(0.0, help="abstain when the support score (mean of the best chunk's similarity and the best "
                                                "sentence's question-term coverage, serving.evidence.support_score) is below this "
                                                "(0 = off). 0.479 was the dev split's choice (<= 5% false abstain on qa/dev.jsonl) but abstained on "
@@ -74,6 +77,7 @@ class ServeConfig:
     ragft_grounded_spans: int = field(0, help="rag+ft: at most this many copied spans (as `grounded_spans`)")
     ragft_evidence_sentences: int = field(0, help="rag+ft: the best N sentences instead of whole chunks (as "
                                                   "`evidence_sentences`; 0 = whole chunks, the RAFT rows' layout)")
+    ragft_second_look: bool = field(False, help="rag+ft: as `second_look` (a second look at the whole chunks after a refusal)")
     ragft_reading: Literal["adapter", "config"] = field("adapter", help="rag+ft: adapter = read in the layout recorded with "
                                                         "the adapter (`ragtune adapters reading`, chosen on a dev split) "
                                                         "when it has one, else the ragft_* options; config = always the "
@@ -126,11 +130,13 @@ class ServeConfig:
         if reading and self.ragft_reading == "adapter":
             return replace(self, **{key: reading[key] for key in READING_KEYS})
         return replace(self, grounded=self.ragft_grounded, grounded_spans=self.ragft_grounded_spans,
-                       evidence_sentences=self.ragft_evidence_sentences)
+                       evidence_sentences=self.ragft_evidence_sentences, second_look=self.ragft_second_look)
 
 
 # The options a reading layout sets (an adapter answers best in the layout it was trained or chosen in)
-READING_KEYS = ("evidence_sentences", "grounded", "grounded_spans")
+READING_KEYS = ("evidence_sentences", "grounded", "grounded_spans", "second_look")
+# The whole retrieved chunks, decoded plainly: the RAFT rows' layout, and what a second look reads
+WHOLE_CHUNKS = {"evidence_sentences": 0, "grounded": False, "grounded_spans": 0, "second_look": False}
 
 
 def check_reading(raw: Any, adapter: str) -> dict[str, Any] | None:
@@ -153,4 +159,4 @@ def check_reading(raw: Any, adapter: str) -> dict[str, Any] | None:
     return {key: getattr(checked, f"ragft_{key}") for key in READING_KEYS}
 
 
-__all__ = ["ServeConfig", "ServingError", "ConfigError", "Mode", "MODES", "READING_KEYS", "check_reading"]
+__all__ = ["ServeConfig", "ServingError", "ConfigError", "Mode", "MODES", "READING_KEYS", "WHOLE_CHUNKS", "check_reading"]

@@ -127,14 +127,15 @@ def adapters_reading(
     collection: Optional[str] = typer.Option(None, "--collection", "-c", help="collection the dev questions are asked of"),
     questions: Optional[Path] = typer.Option(None, "--questions", help="dev questions (JSONL {question, answer}; never the test set)"),
     limit: int = typer.Option(0, "--limit", help="only the first N dev questions (0 = all)"),
-    layout: Optional[str] = typer.Option(None, "--layout", help="set by hand instead of measuring: chunks or sentences"),
+    layout: Optional[str] = typer.Option(None, "--layout", help="set by hand instead of measuring: chunks, sentences or sentences+chunks"),
     clear: bool = typer.Option(False, "--clear", help="forget the recorded layout (rag+ft then reads with the ragft_* options)"),
     overrides: Optional[List[str]] = typer.Option(None, "--set", help="serving option for the measurement, e.g. --set k=4"),
     as_json: bool = typer.Option(False, "--json", help="print the reading record as JSON"),
     home: Optional[str] = _HOME,
 ) -> None:
-    """Choose the layout the adapter reads its sources in (whole chunks, or the best sentence copied with
-    grounded decoding) on dev questions, and record it with the adapter; rag+ft answers then use it.
+    """Choose the layout the adapter reads its sources in (whole chunks; the best sentence copied with grounded
+    decoding; or that with a second look at the whole chunks after a refusal) on dev questions, and record it
+    with the adapter; rag+ft answers then use it.
 
     Example: ragtune adapters reading covidqa-raft -c covidqa --questions data/covidqa/dev.jsonl --limit 100
     """
@@ -175,11 +176,11 @@ def adapters_reading(
         typer.echo(f"{name}: no reading layout recorded; rag+ft reads with the ragft_* options")
     else:
         figures = record.get("chosen_on")
-        how = (f"token F1 chunks {figures['token_f1']['chunks']} vs sentences {figures['token_f1']['sentences']} "
-               f"(sentences - chunks {figures['sentences_minus_chunks_f1'][0]:+.1f} "
-               f"[{figures['sentences_minus_chunks_f1'][1]:+.1f}, {figures['sentences_minus_chunks_f1'][2]:+.1f}]) "
-               f"on {figures['n']} questions of {figures['questions']}"
-               if isinstance(figures, dict) else str(figures))
+        how = str(figures)
+        if isinstance(figures, dict):
+            versus = "; ".join(f"{layout} {figures['token_f1'][layout]} ({d:+.1f} [{lo:+.1f}, {hi:+.1f}])"
+                               for layout, (d, lo, hi) in figures["f1_minus_chunks"].items())
+            how = f"token F1 chunks {figures['token_f1']['chunks']}; {versus}; on {figures['n']} questions of {figures['questions']}"
         typer.echo(f"{name}: reads {record['layout']} in rag+ft; {how}")
 
 

@@ -296,7 +296,7 @@ def test_evidence_rows_follow_the_layout_rag_serves(serving_home, serving_genera
 
 def test_adapter_reading_layout_is_chosen_on_dev_recorded_and_served(serving_home, serving_generator, tmp_path,
                                                                        monkeypatch, capsys):
-    """`ragtune adapters reading`: both layouts are answered on the dev questions, the one with the higher mean
+    """`ragtune adapters reading`: the layouts are answered on the dev questions, the one with the highest mean
     token F1 is recorded in the adapter's manifest with its figures, and rag+ft answers read in it (ragft_reading=
     config ignores it); set by hand, cleared, and a damaged record or a bad request is a one-line error."""
     import json
@@ -316,10 +316,12 @@ def test_adapter_reading_layout_is_chosen_on_dev_recorded_and_served(serving_hom
         record = choose_reading(assistant, "alpha", "corvida", dev)
         figures = record["chosen_on"]
         assert figures["n"] == 2 and set(figures["token_f1"]) == set(LAYOUTS) == set(figures["correct"])
-        better = "sentences" if figures["token_f1"]["sentences"] > figures["token_f1"]["chunks"] else "chunks"
+        better = max(LAYOUTS, key=lambda name: (figures["token_f1"][name], -list(LAYOUTS).index(name)))
         assert record["layout"] == better and {k: record[k] for k in LAYOUTS[better]} == LAYOUTS[better]
-        low, mean, high = (figures["sentences_minus_chunks_f1"][i] for i in (1, 0, 2))
-        assert low <= mean <= high
+        assert set(figures["f1_minus_chunks"]) == {"sentences", "sentences+chunks"}
+        for layout, (mean, low, high) in figures["f1_minus_chunks"].items():
+            assert low <= mean <= high
+            assert mean == pytest.approx(figures["token_f1"][layout] - figures["token_f1"]["chunks"], abs=0.11)
         # set by hand: rag+ft reads in it; the config can still overrule
         set_reading(serving_home, "alpha", {**LAYOUTS["sentences"], "layout": "sentences", "chosen_on": "set by hand"})
         served = assistant.answer(QUESTIONS[0], "rag+ft", "corvida", "alpha", log=False)
@@ -340,7 +342,7 @@ def test_adapter_reading_layout_is_chosen_on_dev_recorded_and_served(serving_hom
             (["adapters", "reading", "alpha", "--layout", "chunks", "--json"], 0, '"layout": "chunks"'),
             (["adapters", "reading", "alpha"], 0, "alpha: reads chunks in rag+ft; set by hand"),
             (["adapters", "reading", "alpha", "--clear"], 0, "no reading layout recorded"),
-            (["adapters", "reading", "alpha", "--layout", "pages"], 1, "error: unknown reading layout 'pages'; use one of: chunks, sentences"),
+            (["adapters", "reading", "alpha", "--layout", "pages"], 1, "error: unknown reading layout 'pages'; use one of: chunks, sentences, sentences+chunks"),
             (["adapters", "reading", "alpha", "--questions", str(dev)], 1, "error: --questions needs --collection"),
             (["adapters", "reading", "../alpha", "--layout", "chunks"], 1, "error: "),
         ]:
@@ -353,3 +355,39 @@ def test_adapter_reading_layout_is_chosen_on_dev_recorded_and_served(serving_hom
         assert "reading" not in after and {k: v for k, v in manifest.items() if k != "reading"} == after
     finally:
         set_reading(serving_home, "alpha", None)
+
+
+def test_second_look_reads_the_whole_chunks_after_a_refusal(serving_home, serving_generator):
+    """second_look: an answer from the best sentence that is the refusal sentence is not shown; the whole chunks
+    are read (plain decoding) and that answer, the same as the whole-chunk layout gives, is streamed and kept,
+    with the first look recorded; an answer that is no refusal streams as without the option."""
+    from rag.collection import Workspace
+    from serving.assistant import Assistant
+    from serving.config import WHOLE_CHUNKS
+
+    base = {"max_new_tokens": 8, "k": 2, "evidence_sentences": 1, "grounded": False, "grounded_spans": 0}
+
+    def make(**options):
+        return Assistant(Workspace(serving_home), serving_generator, ServeConfig(**{**base, **options}))
+
+    first = make().answer(QUESTIONS[0], "rag", "corvida", log=False)
+    assert not first.refused and len(first.sources) == 1
+    # a refusal sentence that is how the model's answer from the best sentence begins makes that answer a refusal
+    refusal = first.text.split("[")[0].strip()[:16].strip()
+    assert refusal
+    refused = make(refusal_text=refusal).answer(QUESTIONS[0], "rag", "corvida", log=False)
+    assert refused.refused and refused.text == first.text and "sources do not say" in refused.refusal_reason
+    stream = make(refusal_text=refusal, second_look=True).stream(QUESTIONS[0], "rag", "corvida", log=False)
+    pieces = list(stream)
+    looked = stream.answer
+    chunks = make(refusal_text=refusal, **WHOLE_CHUNKS).answer(QUESTIONS[0], "rag", "corvida", log=False)
+    assert looked.text == chunks.text and "".join(pieces).strip() == looked.text  # the first look never shown
+    assert [s.text for s in looked.sources] == [s.text for s in chunks.sources] and len(looked.sources) == 2
+    assert looked.decoding["second_look"] and looked.decoding["first_look"] == first.text
+    assert looked.decoding["evidence_sentences"] == 0 and not looked.decoding["grounded"]
+    assert looked.notes[0].startswith("second look: ") and looked.timings["ttft_s"] >= looked.timings["first_look_s"]
+    # no refusal: the same text and pieces as without the option
+    plain = make(second_look=True).stream(QUESTIONS[0], "rag", "corvida", log=False)
+    assert "".join(plain).strip() == first.text and "second_look" not in plain.answer.decoding
+    assert ServeConfig(ragft_second_look=True).for_mode("rag+ft").second_look
+    assert not ServeConfig(second_look=True, ragft_second_look=False).for_mode("rag+ft").second_look
