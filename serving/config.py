@@ -140,7 +140,7 @@ WHOLE_CHUNKS = {"evidence_sentences": 0, "grounded": False, "grounded_spans": 0,
 
 
 def check_reading(raw: Any, adapter: str) -> dict[str, Any] | None:
-    """An adapter manifest's ``reading`` record as the three options (None when it has none), checked as the
+    """An adapter manifest's ``reading`` record as the :data:`READING_KEYS` options (None when it has none), checked as the
     ``ragft_*`` options are; a damaged record is a one-line ServingError naming the adapter and the fix."""
     if raw is None:
         return None

@@ -100,7 +100,7 @@ def list_adapters(home: Path) -> list[dict[str, Any]]:
             "created": m.get("created"),
             "metrics": m.get("metrics", {}),
             "forgetting": (m.get("forgetting") or {}).get("perplexity_change_pct"),
-            "reading": (m.get("reading") or {}).get("layout") if isinstance(m.get("reading"), dict) else None,
+            "reading": m["reading"].get("layout") if isinstance(m.get("reading"), dict) else None,
             "size_mb": round(sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e6, 2),
             "path": str(folder),
         })
