@@ -137,7 +137,7 @@ def adapters_reading(
     decoding; or that with a second look at the whole chunks after a refusal) on dev questions, and record it
     with the adapter; rag+ft answers then use it.
 
-    Example: ragtune adapters reading covidqa-raft -c covidqa --questions data/covidqa/dev.jsonl --limit 100
+    Example: ragtune adapters reading covidqa-raft -c covidqa --questions data/covidqa/train.jsonl --limit 100
     """
     from core.config import load_config
     from core.workspace import ragtune_home
