@@ -25,7 +25,7 @@ from serving.config import MODES, WHOLE_CHUNKS, ServeConfig, ServingError, check
 from serving.generation import GenerationParams, TokenStream
 from serving.modes import uses_adapter, uses_retrieval
 from serving.prompts import (STOP_STRINGS, Turn, build_messages, cited_numbers, claim_and_quote, dont_know,
-                             flatten_with_offsets, retrieval_query)
+                             flatten_with_offsets, refusal_state, retrieval_query)
 from tuning.raft import find_answer
 
 
@@ -124,7 +124,7 @@ class AnswerStream:
                     answer.timings["ttft_s"] = round(time.perf_counter() - self._started, 4)
                 parts.append(piece)
                 if holding:
-                    if self._may_be_refusal("".join(parts)):
+                    if refusal_state("".join(parts), self._assistant.config.refusal_text):
                         continue
                     holding, piece = False, "".join(parts)
                 yield piece
@@ -142,7 +142,7 @@ class AnswerStream:
             answer.timings["tokens_per_s"] = round(rate, 2) if rate else None
             if self._constraint is None:
                 answer.cited = cited_numbers(answer.text, len(answer.sources))
-                if answer.text.startswith(self._assistant.config.refusal_text.rstrip(".")):
+                if refusal_state(answer.text, self._assistant.config.refusal_text) == "refusal":
                     answer.refused, answer.refusal_reason = True, "the model answered that the sources do not say"
                 elif answer.cited:
                     self._check_claim(answer)
@@ -161,11 +161,6 @@ class AnswerStream:
             chat_id = self._chat_id or store.new_chat(answer.question)
             _, answer.message_id = store.log_exchange(chat_id, answer.question, answer)
             answer.chat_id = chat_id
-
-    def _may_be_refusal(self, text: str) -> bool:
-        """True while ``text`` is the beginning of the refusal sentence, or starts with it (case and spacing ignored)."""
-        said, refusal = " ".join(text.split()).lower(), " ".join(self._assistant.config.refusal_text.split()).lower()
-        return refusal.startswith(said) or said.startswith(refusal.rstrip("."))
 
     def _look_again(self, answer: Answer) -> Iterator[str]:
         """The model said the sources do not say from the best sentence(s): answer again from the whole retrieved

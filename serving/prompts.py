@@ -162,6 +162,16 @@ def claim_and_quote(answer: str) -> tuple[str, int | None, str]:
     return answer_for_scoring(answer).rstrip(" ."), n, quote
 
 
+def refusal_state(text: str, refusal: str) -> str:
+    """One rule for "the model said the sources do not say" (case and spacing ignored): ``"refusal"`` when
+    ``text`` starts with the refusal sentence (its final period optional), ``"prefix"`` while ``text`` could
+    still become it (a streamed answer is held back then), else ``""``."""
+    said, refusal = " ".join(text.split()).lower(), " ".join(refusal.split()).lower()
+    if said.startswith(refusal.rstrip(".")):
+        return "refusal"
+    return "prefix" if refusal.startswith(said) else ""
+
+
 def dont_know(collection: str, best: float | None, threshold: float) -> str:
     if best is None:
         return f"I don't know: nothing in the collection '{collection}' matches this question."
