@@ -624,12 +624,13 @@ def highlighted_span(document: str, start: int, end: int, context: int = 240) ->
 
 
 def queue_note(assistant: Any) -> str | None:
-    """While the engine's batch is full: how many requests wait for a row (None when nobody waits)."""
+    """While the engine's batch is full: how many requests wait for a row (None when nobody has to: a request
+    that the engine admits at its next step is not shown as waiting)."""
     engine = getattr(assistant.generator, "engine", None)
     if engine is None:
         return None
     stats = engine.stats()
-    if not stats["waiting"]:
+    if not stats["blocked"]:
         return None
     return (f"the model is answering {stats['running'] + stats['prefilling']} other requests; "
             f"{stats['waiting']} waiting for a free slot, yours included (it starts when one finishes)")

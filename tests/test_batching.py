@@ -7,9 +7,11 @@ import json
 import threading
 import time
 import urllib.request
+from types import SimpleNamespace
 
 import pytest
 
+from serving import webapp
 from serving.config import ServingError
 from serving.generation import GenerationParams, LocalGenerator
 
@@ -103,12 +105,19 @@ def test_kv_bound_queues_then_answers_and_refuses_what_never_fits(serving_home, 
     saved = engine.kv_cache_tokens
     engine.kv_cache_tokens = 2 * longest  # room for two rows of the longest request, not three
     try:
-        streams = []
-        for m, a in CASES[:3]:
-            streams.append(gen.stream(m, a, params()))
+        streams = [gen.stream(*CASES[0], params())]
+        # submitted to an idle engine: admitted at its next step, never shown as waiting for a slot
+        assert engine.stats()["blocked"] == 0 and webapp.queue_note(SimpleNamespace(generator=gen)) is None
+        streams += [gen.stream(m, a, params()) for m, a in CASES[1:3]]
+        notes = set()
+        while streams[2].finished_s is None and not notes:  # the third is kept out while the first two hold the room
+            if engine.stats()["blocked"]:
+                notes.add(webapp.queue_note(SimpleNamespace(generator=gen)))
+            time.sleep(0.002)
         texts = [s.text() for s in streams]
         assert texts == alone
         assert max(s.queued_s for s in streams) > 0  # the third waited for room
+        assert len(notes) == 1 and "1 waiting for a free slot" in notes.pop()
         with pytest.raises(ServingError, match="kv_cache_tokens"):
             gen.stream(CASES[2][0], None, params(max_new_tokens=2 * longest))
     finally:

@@ -191,18 +191,27 @@ class BatchScheduler:
         return {**self._busy, "prefill_tokens": float(self.prefill_tokens)}  # written by the engine thread alone
 
     def stats(self) -> dict[str, int]:
+        """Counts of requests by state. ``blocked``: waiting requests the bound (rows, KV-cache tokens) keeps out
+        right now; the others are admitted at the engine's next step (a request submitted to an idle engine is
+        ``waiting`` for a moment, never ``blocked``)."""
         with self._cond:
-            return {"waiting": len(self._waiting), "prefilling": len(self._prefilling), "running": len(self._running),
-                    "rows": len(self._rows), "steps": self.steps, "max_batch_seen": self.max_batch_seen}
+            blocked = len(self._waiting) if self._waiting and not self._fits(self._waiting[0]) else 0
+            return {"waiting": len(self._waiting), "blocked": blocked, "prefilling": len(self._prefilling),
+                    "running": len(self._running), "rows": len(self._rows), "steps": self.steps,
+                    "max_batch_seen": self.max_batch_seen}
+
+    def _fits(self, request: Request) -> bool:
+        """Whether ``request`` can join the active requests within the bound (always, when none is active)."""
+        active = self._running + self._prefilling
+        rows = sum(len(r.sequences) for r in active) + len(request.sequences)
+        longest = max([r.final_length for r in active] + [request.final_length])
+        return not active or (rows <= self.max_rows and rows * longest <= self.kv_cache_tokens)
 
     def _admit(self) -> None:
         """Move waiting requests (in order: nobody is overtaken) into prefill while the bound holds."""
         while self._waiting:
             request = self._waiting[0]
-            active = self._running + self._prefilling
-            rows = sum(len(r.sequences) for r in active) + len(request.sequences)
-            longest = max([r.final_length for r in active] + [request.final_length])
-            if active and (rows > self.max_rows or rows * longest > self.kv_cache_tokens):
+            if not self._fits(request):
                 return
             self._waiting.pop(0)
             request.stream.queued_s = time.perf_counter() - request.submitted
