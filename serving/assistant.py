@@ -84,6 +84,15 @@ class Answer:
         return d
 
 
+@dataclass
+class _FirstLook:
+    """What a second look keeps of the first: its options (``config``, already set to read whole chunks), the
+    adapter's recorded layout, and the answer whose retrieval it reuses."""
+    config: ServeConfig
+    reading: dict[str, Any] | None
+    answer: Answer
+
+
 class AnswerStream:
     """Iterate to get the answer's text pieces as they are generated; ``answer`` is complete after.
 
@@ -320,15 +329,16 @@ class Assistant:
     def stream(self, question: str, mode: str = "rag", collection: str | None = None, adapter: str | None = None,
                history: Sequence[Any] | None = None, *, k: int | None = None, chat_id: int | None = None,
                log: bool = True, max_new_tokens: int | None = None, temperature: float | None = None,
-               _layout: dict[str, Any] | None = None) -> AnswerStream:
+               _first: "_FirstLook | None" = None) -> AnswerStream:
         """Check, retrieve, build the prompt and start generating; iterate the result for text pieces."""
         started = time.perf_counter()
-        manifest = self.check(question, mode, collection, adapter)
-        # rag+ft reads in the layout recorded with the adapter (chosen on a dev split), if it has one
-        reading = check_reading(manifest.get("reading"), adapter) if manifest and mode == "rag+ft" else None
-        cfg = self.config.for_mode(mode, reading)
-        if _layout:  # a second look reads the whole chunks
-            cfg = dataclasses.replace(cfg, **_layout)
+        if _first is None:
+            manifest = self.check(question, mode, collection, adapter)
+            # rag+ft reads in the layout recorded with the adapter (chosen on a dev split), if it has one
+            reading = check_reading(manifest.get("reading"), adapter) if manifest and mode == "rag+ft" else None
+            cfg = self.config.for_mode(mode, reading)
+        else:  # a second look: the first look's checks and options hold, read over the whole chunks
+            reading, cfg = _first.reading, _first.config
         question = question.strip()
         turns = normalize_history(history)
         use_adapter = adapter if uses_adapter(mode) else None
@@ -337,7 +347,15 @@ class Assistant:
                         collection=collection if uses_retrieval(mode) else None)
         hits: list[Any] = []
         ranker = "none"  # which evidence ranker ordered the sentences (recorded with the decoding options)
-        if uses_retrieval(mode):
+        if uses_retrieval(mode) and _first is not None:
+            # the first look's retrieval (same hits, same collection version) and support score; its refusal checks
+            # passed, and whole chunks need no sentence ranking
+            seen = _first.answer
+            hits = list(seen.hits)
+            answer.collection_version, answer.retrieval_query, answer.hits = seen.collection_version, seen.retrieval_query, hits
+            answer.abstain_score, ranker = seen.abstain_score, seen.decoding.get("evidence_ranker", "none")
+            answer.timings.update({key: seen.timings[key] for key in ("retrieval_ms", "evidence_ms") if key in seen.timings})
+        elif uses_retrieval(mode):
             col = self.workspace.get(collection)
             answer.collection_version = col.version()
             answer.retrieval_query = retrieval_query(question, turns)
@@ -415,8 +433,9 @@ class Assistant:
         if precision is not None:
             answer.decoding["prefill"] = precision(params.prefill_bf16)
         look_again = (functools.partial(self.stream, question, mode, collection, adapter, history, k=k, log=False,
-                                        max_new_tokens=max_new_tokens, temperature=temperature, _layout=WHOLE_CHUNKS)
-                      if cfg.second_look and cfg.evidence_sentences and rag else None)
+                                        max_new_tokens=max_new_tokens, temperature=temperature,
+                                        _first=_FirstLook(dataclasses.replace(cfg, **WHOLE_CHUNKS), reading, answer))
+                      if cfg.second_look and cfg.evidence_sentences and rag and _first is None else None)
         tokens = self.generator.stream(plan.messages, adapter=use_adapter, params=params)
         return AnswerStream(self, answer, tokens, started, chat_id, log, constraint, maps, look_again)
 

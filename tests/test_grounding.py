@@ -357,11 +357,11 @@ def test_adapter_reading_layout_is_chosen_on_dev_recorded_and_served(serving_hom
         set_reading(serving_home, "alpha", None)
 
 
-def test_second_look_reads_the_whole_chunks_after_a_refusal(serving_home, serving_generator):
+def test_second_look_reads_the_whole_chunks_after_a_refusal(serving_home, serving_generator, monkeypatch):
     """second_look: an answer from the best sentence that is the refusal sentence is not shown; the whole chunks
     are read (plain decoding) and that answer, the same as the whole-chunk layout gives, is streamed and kept,
     with the first look recorded; an answer that is no refusal streams as without the option."""
-    from rag.collection import Workspace
+    from rag.collection import Collection, Workspace
     from serving.assistant import Assistant
     from serving.config import WHOLE_CHUNKS
 
@@ -377,9 +377,13 @@ def test_second_look_reads_the_whole_chunks_after_a_refusal(serving_home, servin
     assert refusal
     refused = make(refusal_text=refusal).answer(QUESTIONS[0], "rag", "corvida", log=False)
     assert refused.refused and refused.text == first.text and "sources do not say" in refused.refusal_reason
+    searches = []  # the real search, counted: a second look reuses the first look's retrieval
+    real_search = Collection.search
+    monkeypatch.setattr(Collection, "search", lambda self, *a, **kw: searches.append(a) or real_search(self, *a, **kw))
     stream = make(refusal_text=refusal, second_look=True).stream(QUESTIONS[0], "rag", "corvida", log=False)
     pieces = list(stream)
     looked = stream.answer
+    assert len(searches) == 1 and [h.chunk_id for h in looked.hits] == [h.chunk_id for h in refused.hits]
     chunks = make(refusal_text=refusal, **WHOLE_CHUNKS).answer(QUESTIONS[0], "rag", "corvida", log=False)
     assert looked.text == chunks.text and "".join(pieces).strip() == looked.text  # the first look never shown
     assert [s.text for s in looked.sources] == [s.text for s in chunks.sources] and len(looked.sources) == 2
