@@ -5,7 +5,11 @@
          "messages": [{"role": "user", "content": "How long is the HX warranty?"}]}'
 
 Endpoints: ``GET /v1/models`` (the base model and every usable adapter), ``POST /v1/chat/completions``
-and ``POST /v1/completions``, streamed as server-sent events when ``"stream": true``; ``GET /health``.
+and ``POST /v1/completions``, streamed as server-sent events when ``"stream": true``; ``GET /health``;
+vLLM's ``POST /v1/load_lora_adapter`` (``{"lora_name": N}``: load a registry adapter's weights now, not at
+its first request; a ``lora_path`` other than that adapter's own folder is refused, so no request makes the
+server read a path) and ``POST /v1/unload_lora_adapter`` (free them; rows decoding with it finish first,
+and a later request naming it loads it again: the registry, not this call, decides what is served).
 ``model`` is the base model's id (or ``"base"``) or an adapter name, as with vLLM's LoRA serving.
 Started for a collection (``ragtune serve --collection C``), the model ``"default"`` (and a request
 that names no model) is the adapter promoted for ``C`` (issue 13, :mod:`serving.promotion`), read on
@@ -35,10 +39,11 @@ import re
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Optional, Union
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -139,6 +144,18 @@ class CompletionRequest(_Sampling):
 
     def text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class LoadLoraRequest(_Body):
+    """vLLM's ``/v1/load_lora_adapter`` body; ``lora_path`` may only name the adapter's own registry folder."""
+    lora_name: Annotated[str, Field(min_length=1, max_length=200)]
+    lora_path: Optional[Annotated[str, Field(min_length=1, max_length=4096)]] = None
+    load_inplace: bool = False  # accepted: a retrained adapter is always reloaded in place
+
+
+class UnloadLoraRequest(_Body):
+    lora_name: Annotated[str, Field(min_length=1, max_length=200)]
+    lora_int_id: Optional[int] = None  # accepted, not used (vLLM's numeric id)
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "constrained-str", "constrained-int", "constrained-float"}
@@ -283,6 +300,43 @@ class _Service:
                 raise ApiError(404, f"model {model!r}: {self.redact(str(exc))}", code="model_not_found") from None
             raise ApiError(400, self.redact(str(exc)), code="invalid_request") from None
 
+    def load_lora(self, req: LoadLoraRequest) -> str:
+        """Runs in a worker thread: load a registry adapter's weights now rather than at its first request."""
+        name = self.adapter_for(req.lora_name)
+        if name is None:
+            raise ApiError(400, f"{req.lora_name!r} is the base model, not an adapter", code="invalid_model")
+        loader = getattr(self.generator, "load_adapter", None)
+        if loader is None:
+            raise ApiError(400, "this server's backend loads adapters itself", code="not_supported")
+        if req.lora_path is not None:
+            from tuning.adapters import adapter_dir
+
+            if Path(req.lora_path).expanduser().resolve() != adapter_dir(Path(self.generator.home), name).resolve():
+                raise ApiError(400, "lora_path must be left out or be this adapter's own folder in the server's "
+                                    "workspace: adapters are served from the workspace's registry by name (train one "
+                                    "with `ragtune tune`, or copy its folder into the workspace's adapters/ folder)",
+                               code="invalid_lora_path")
+        try:
+            loader(name)  # already loaded: nothing to do, unless it was retrained since (then reloaded)
+        except ServingError as exc:
+            raise ApiError(404, f"model {name!r}: {self.redact(str(exc))}", code="model_not_found") from None
+        return f"Success: LoRA adapter '{name}' added successfully."
+
+    def unload_lora(self, req: UnloadLoraRequest) -> str:
+        """Free an adapter's weights (rows decoding with it finish first); a later request loads it again."""
+        loaded = getattr(self.generator, "loaded_adapters", None)
+        if loaded is None:
+            raise ApiError(400, "this server's backend loads adapters itself", code="not_supported")
+        try:
+            check_name(req.lora_name, "lora_name")
+        except InvalidName as exc:
+            raise ApiError(400, str(exc), code="invalid_model") from None
+        if req.lora_name not in loaded():
+            raise ApiError(404, f"adapter {req.lora_name!r} is not loaded (loaded: {', '.join(loaded()) or 'none'})",
+                           code="lora_not_loaded")
+        self.generator.unload_adapter(req.lora_name)
+        return f"Success: LoRA adapter '{req.lora_name}' removed successfully."
+
     def models(self) -> dict[str, Any]:
         gen = self.generator
         now = int(time.time())
@@ -410,6 +464,18 @@ def create_app(generator: Any, limits: Optional[ServerLimits] = None, api_key: O
         prompt = req.text()
         return await _generate(service, req, lambda adapter, params: generator.stream_prompt(prompt, adapter, params), chat=False)
 
+    async def load_lora_adapter(request: Request) -> PlainTextResponse:
+        req = _parse(await request.body(), LoadLoraRequest)
+        return PlainTextResponse(await run_in_threadpool(service.load_lora, req))
+
+    async def unload_lora_adapter(request: Request) -> PlainTextResponse:
+        req = _parse(await request.body(), UnloadLoraRequest)
+        return PlainTextResponse(await run_in_threadpool(service.unload_lora, req))
+
+    for path in ("/v1/load_lora_adapter", "/load_lora_adapter"):
+        app.add_api_route(path, load_lora_adapter, methods=["POST"])
+    for path in ("/v1/unload_lora_adapter", "/unload_lora_adapter"):
+        app.add_api_route(path, unload_lora_adapter, methods=["POST"])
     for path in ("/v1/models", "/models"):
         app.add_api_route(path, models, methods=["GET"])
         app.add_api_route(path + "/", models, methods=["GET"], include_in_schema=False)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -262,6 +263,35 @@ def test_openai_server_and_client_backend(serving_generator, serving_assistant):
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(urllib.request.Request(url + "/chat/completions", b'{"messages": []}'))
         assert info.value.code == 400 and "messages" in json.loads(info.value.read())["error"]["message"]
+        # vLLM's runtime adapter endpoints: load now / free the weights; only registry adapters, by name
+        from tuning.adapters import adapter_dir
+
+        def post(path, body):
+            try:
+                with urllib.request.urlopen(urllib.request.Request(url + path, json.dumps(body).encode())) as r:
+                    return r.status, r.read().decode()
+            except urllib.error.HTTPError as exc:
+                return exc.code, json.loads(exc.read())["error"]["message"]
+
+        beta = serving_generator.stream(CHAT, adapter="beta", params=params).text()
+        assert post("/unload_lora_adapter", {"lora_name": "beta"}) == (200, "Success: LoRA adapter 'beta' removed successfully.")
+        assert "beta" not in serving_generator.loaded_adapters()
+        assert post("/unload_lora_adapter", {"lora_name": "beta"}) == (404, "adapter 'beta' is not loaded (loaded: alpha)")
+        folder = str(adapter_dir(Path(serving_generator.home), "beta"))
+        assert post("/load_lora_adapter", {"lora_name": "beta", "lora_path": folder}) == (
+            200, "Success: LoRA adapter 'beta' added successfully.")
+        assert "beta" in serving_generator.loaded_adapters()
+        assert serving_generator.stream(CHAT, adapter="beta", params=params).text() == beta  # the same weights again
+        assert post("/load_lora_adapter", {"lora_name": "beta"})[0] == 200  # loaded already: nothing to do
+        status, message = post("/load_lora_adapter", {"lora_name": "beta", "lora_path": str(Path(folder).parent / "alpha")})
+        assert status == 400 and "lora_path must be left out or be this adapter's own folder" in message
+        assert str(serving_generator.home) not in message
+        for body, code, words in [({"lora_name": "../alpha"}, 400, "invalid model"), ({"lora_name": "nope"}, 404, "does not exist"),
+                                  ({"lora_name": "foreign"}, 404, "trained on"), ({"lora_name": "base"}, 400, "base model"),
+                                  ({"lora_name": "beta", "extra": 1}, 400, "extra")]:
+            status, message = post("/load_lora_adapter", body)
+            assert status == code and words in message, (body, status, message)
+        assert post("/unload_lora_adapter", {"lora_name": "../beta"})[0] == 400
     finally:
         server.shutdown()
         server.server_close()
