@@ -277,7 +277,9 @@ def test_model_names_are_plain_names_and_unknown_ones_reveal_nothing(server, ser
                                   "Bearer ", KEY])
 def test_requests_without_the_right_key_get_401(server, auth):
     headers = {"Content-Type": "application/json", **({"Authorization": auth} if auth is not None else {})}
-    for method, path, body in (("GET", "/v1/models", None), ("POST", "/v1/chat/completions", {"messages": CHAT})):
+    for method, path, body in (("GET", "/v1/models", None), ("POST", "/v1/chat/completions", {"messages": CHAT}),
+                               ("POST", "/v1/load_lora_adapter", {"lora_name": "alpha"}),
+                               ("POST", "/v1/unload_lora_adapter", {"lora_name": "alpha"})):
         status, response_headers, payload = call(server, method, path, body, headers)
         assert status == 401 and payload["error"]["code"] == "invalid_api_key"
         assert response_headers.get("www-authenticate") == "Bearer"
