@@ -311,7 +311,11 @@ class _Service:
         if req.lora_path is not None:
             from tuning.adapters import adapter_dir
 
-            if Path(req.lora_path).expanduser().resolve() != adapter_dir(Path(self.generator.home), name).resolve():
+            try:
+                same = Path(req.lora_path).expanduser().resolve() == adapter_dir(Path(self.generator.home), name).resolve()
+            except (OSError, ValueError, RuntimeError):  # a NUL byte, a symlink loop, an unknown ~user
+                same = False
+            if not same:
                 raise ApiError(400, "lora_path must be left out or be this adapter's own folder in the server's "
                                     "workspace: adapters are served from the workspace's registry by name (train one "
                                     "with `ragtune tune`, or copy its folder into the workspace's adapters/ folder)",

@@ -283,9 +283,10 @@ def test_openai_server_and_client_backend(serving_generator, serving_assistant):
         assert "beta" in serving_generator.loaded_adapters()
         assert serving_generator.stream(CHAT, adapter="beta", params=params).text() == beta  # the same weights again
         assert post("/load_lora_adapter", {"lora_name": "beta"})[0] == 200  # loaded already: nothing to do
-        status, message = post("/load_lora_adapter", {"lora_name": "beta", "lora_path": str(Path(folder).parent / "alpha")})
-        assert status == 400 and "lora_path must be left out or be this adapter's own folder" in message
-        assert str(serving_generator.home) not in message
+        for elsewhere in (str(Path(folder).parent / "alpha"), folder + "/../alpha", "/etc", "a\x00b", "~nobody-here/x"):
+            status, message = post("/load_lora_adapter", {"lora_name": "beta", "lora_path": elsewhere})
+            assert status == 400 and "lora_path must be left out or be this adapter's own folder" in message, elsewhere
+            assert str(serving_generator.home) not in message
         for body, code, words in [({"lora_name": "../alpha"}, 400, "invalid model"), ({"lora_name": "nope"}, 404, "does not exist"),
                                   ({"lora_name": "foreign"}, 404, "trained on"), ({"lora_name": "base"}, 400, "base model"),
                                   ({"lora_name": "beta", "extra": 1}, 400, "extra")]:
