@@ -335,8 +335,9 @@ class _Service:
             check_name(req.lora_name, "lora_name")
         except InvalidName as exc:
             raise ApiError(400, str(exc), code="invalid_model") from None
-        if req.lora_name not in loaded():
-            raise ApiError(404, f"adapter {req.lora_name!r} is not loaded (loaded: {', '.join(loaded()) or 'none'})",
+        names = loaded()
+        if req.lora_name not in names:
+            raise ApiError(404, f"adapter {req.lora_name!r} is not loaded (loaded: {', '.join(names) or 'none'})",
                            code="lora_not_loaded")
         self.generator.unload_adapter(req.lora_name)
         return f"Success: LoRA adapter '{req.lora_name}' removed successfully."
