@@ -59,11 +59,18 @@ def store_uri(request, tmp_path) -> str:
 # --- tuning fixtures ---
 @pytest.fixture(scope="session")
 def tuning_home(tmp_path_factory) -> Path:
-    """A session workspace holding the packaged SmolLM2 converted once from its GGUF (~20 s)."""
+    """A workspace holding the packaged SmolLM2 converted once from its GGUF (~20 s, 540 MB), shared by the
+    xdist workers: the first one converts under a lock, the others wait and reuse it."""
+    from filelock import FileLock
+
     from tuning.models import ensure_packaged_causal_lm
 
-    path = tmp_path_factory.mktemp("tuning-home")
-    ensure_packaged_causal_lm(path)
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's own folder, above each worker's popen-gwN
+    path = root / "tuning-home"
+    with FileLock(str(path) + ".lock"):
+        ensure_packaged_causal_lm(path)
     return path
 
 
