@@ -342,88 +342,26 @@ class Assistant:
         question = question.strip()
         turns = normalize_history(history)
         use_adapter = adapter if uses_adapter(mode) else None
+        rag = uses_retrieval(mode)
         answer = Answer(question=question, mode=mode, text="", adapter=use_adapter,
-                        base_model=getattr(self.generator, "base_id", None),
-                        collection=collection if uses_retrieval(mode) else None)
-        hits: list[Any] = []
-        ranker = "none"  # which evidence ranker ordered the sentences (recorded with the decoding options)
-        if uses_retrieval(mode) and _first is not None:
-            # the first look's retrieval (same hits, same collection version) and support score; its refusal checks
-            # passed, and whole chunks need no sentence ranking
-            seen = _first.answer
-            hits = list(seen.hits)
-            answer.collection_version, answer.retrieval_query, answer.hits = seen.collection_version, seen.retrieval_query, hits
-            answer.abstain_score, ranker = seen.abstain_score, seen.decoding.get("evidence_ranker", "none")
-            answer.timings.update({key: seen.timings[key] for key in ("retrieval_ms", "evidence_ms") if key in seen.timings})
-        elif uses_retrieval(mode):
-            col = self.workspace.get(collection)
-            answer.collection_version = col.version()
-            answer.retrieval_query = retrieval_query(question, turns)
-            t0 = time.perf_counter()
-            hits = col.search(answer.retrieval_query, k=k or cfg.k, mode=cfg.search_mode)
-            answer.timings["retrieval_ms"] = round((time.perf_counter() - t0) * 1000, 2)
-            answer.hits = hits
-            sims = [h.similarity for h in hits if h.similarity is not None]
-            best = max(sims) if sims else None
-            if not hits or (best is not None and best < cfg.min_similarity):
-                answer.refused = True
-                answer.refusal_reason = (f"retrieval: best match similarity {best:.2f} below min_similarity {cfg.min_similarity:.2f}"
-                                         if best is not None else "retrieval: nothing matched")
-                answer.text = dont_know(collection, best, cfg.min_similarity)
-                answer.sources = [self._source(n, h) for n, h in enumerate(hits, start=1)]
-                return AnswerStream(self, answer, None, started, chat_id, log)
-            if cfg.evidence_sentences or cfg.abstain_threshold > 0:
-                from serving.evidence import evidence_sources, support_score
-                from serving.ranker import rank_evidence
-
-                t0 = time.perf_counter()
-                ranked, ranker = rank_evidence(col, question, hits, cfg.evidence_skip_questions, cfg.evidence_ranker)
-                answer.abstain_score = support_score(ranked, hits)
-                if cfg.evidence_sentences:
-                    hits = evidence_sources(hits, ranked, cfg.evidence_sentences, cfg.evidence_window_tokens,
-                                            self.generator.count_tokens)
-                answer.timings["evidence_ms"] = round((time.perf_counter() - t0) * 1000, 2)
-                if cfg.abstain_threshold > 0 and (answer.abstain_score or 0.0) < cfg.abstain_threshold:
-                    answer.refused = True
-                    answer.refusal_reason = (f"support score {answer.abstain_score or 0.0:.2f} below abstain_threshold "
-                                             f"{cfg.abstain_threshold:.2f}: no retrieved sentence supports an answer")
-                    answer.text = cfg.refusal_text
-                    answer.sources = [self._source(n, h) for n, h in enumerate(hits, start=1)]
-                    return AnswerStream(self, answer, None, started, chat_id, log)
+                        base_model=getattr(self.generator, "base_id", None), collection=collection if rag else None)
+        hits, ranker = (self._retrieve(answer, turns, cfg, collection, k, _first) if rag else ([], "none"))
+        if answer.refused:  # retrieval found nothing close enough, or nothing supports an answer
+            return AnswerStream(self, answer, None, started, chat_id, log)
         params = GenerationParams.from_config(cfg, max_new_tokens=max_new_tokens, temperature=temperature)
         params.stop = STOP_STRINGS  # small models go on to invent the next "Question:" of the prompt layout
         window = getattr(self.generator, "context_window", cfg.context_tokens)
-        budget = min(cfg.context_tokens, window) - params.max_new_tokens
+        prompt = functools.partial(build_messages, question, history=turns, rag=rag, count=self.generator.count_tokens,
+                                   truncate=self.generator.truncate_tokens,
+                                   budget=min(cfg.context_tokens, window) - params.max_new_tokens,
+                                   source_tokens=cfg.source_tokens, history_turns=cfg.history_turns)
         try:
-            plan = build_messages(question, sources=hits, history=turns, rag=uses_retrieval(mode),
-                                  count=self.generator.count_tokens, truncate=self.generator.truncate_tokens,
-                                  budget=budget, source_tokens=cfg.source_tokens, history_turns=cfg.history_turns)
+            plan = prompt(sources=hits)
         except ValueError as exc:
             raise ServingError(str(exc)) from None
         answer.notes = plan.notes
         answer.sources = [self._source(n, h) for n, h in enumerate(hits[:plan.sources_used], start=1)]
-        rag = uses_retrieval(mode)
-        constraint, maps = None, []
-        local = self.generator.local_decoding
-        if rag and (cfg.grounded or cfg.cad_alpha > 0) and not local:
-            answer.notes.append("grounded and context-aware decoding need the local backend; decoded plainly")
-        if rag and cfg.grounded and local:
-            from serving.grounding import GroundedConstraint
-
-            # the constraint sees each source exactly as the prompt holds it (cut to source_tokens, flattened:
-            # a prefix of the flattened chunk, so the offset map of the whole chunk applies)
-            maps = [flatten_with_offsets(s.text)[1] for s in answer.sources]
-            # the refusal sentence is a copyable pseudo-source only for adapters (trained to say it): for the
-            # base model it was a magnet ("The sources ..." -> "The sources do not say" on 9 of 24 dev rows)
-            constraint = GroundedConstraint(self.generator.tokenizer, plan.source_texts, self.generator.eos_ids,
-                                            refusal=cfg.refusal_text if use_adapter else "", max_spans=cfg.grounded_spans)
-            params.constraint = constraint
-            params.stop = tuple(params.stop) + ("\n",)  # a grounded answer is one paragraph (sources are flattened)
-        if rag and cfg.cad_alpha > 0 and local:
-            plain = build_messages(question, sources=(), history=turns, rag=True, count=self.generator.count_tokens,
-                                   truncate=self.generator.truncate_tokens, budget=budget, source_tokens=cfg.source_tokens,
-                                   history_turns=cfg.history_turns)
-            params.contrast_ids, params.cad_alpha = self.generator.render(plain.messages), cfg.cad_alpha
+        constraint, maps = (self._decoding_options(answer, cfg, params, plan, prompt, use_adapter) if rag else (None, []))
         answer.decoding = {"grounded": bool(constraint), "grounded_spans": cfg.grounded_spans if constraint else 0, "cad_alpha": params.cad_alpha if params.contrast_ids else 0.0,
                            "evidence_sentences": cfg.evidence_sentences if rag else 0, "evidence_ranker": ranker, "k": k or cfg.k if rag else 0,
                            "source_tokens": cfg.source_tokens, "abstain_threshold": cfg.abstain_threshold if rag else 0.0}
@@ -438,6 +376,79 @@ class Assistant:
                       if cfg.second_look and cfg.evidence_sentences and rag and _first is None else None)
         tokens = self.generator.stream(plan.messages, adapter=use_adapter, params=params)
         return AnswerStream(self, answer, tokens, started, chat_id, log, constraint, maps, look_again)
+
+    def _retrieve(self, answer: Answer, turns: list[Turn], cfg: ServeConfig, collection: str | None, k: int | None,
+                  first: "_FirstLook | None") -> tuple[list[Any], str]:
+        """The sources of a rag answer and the evidence ranker that ordered them. Refusing (nothing close enough
+        retrieved, or a support score under ``abstain_threshold``) sets ``answer.refused`` and its text."""
+        if first is not None:
+            # the first look's retrieval (same hits, same collection version) and support score; its refusal checks
+            # passed, and whole chunks need no sentence ranking
+            seen = first.answer
+            answer.collection_version, answer.retrieval_query, answer.hits = seen.collection_version, seen.retrieval_query, list(seen.hits)
+            answer.abstain_score = seen.abstain_score
+            answer.timings.update({key: seen.timings[key] for key in ("retrieval_ms", "evidence_ms") if key in seen.timings})
+            return list(seen.hits), seen.decoding.get("evidence_ranker", "none")
+        col = self.workspace.get(collection)
+        answer.collection_version = col.version()
+        answer.retrieval_query = retrieval_query(answer.question, turns)
+        t0 = time.perf_counter()
+        hits = col.search(answer.retrieval_query, k=k or cfg.k, mode=cfg.search_mode)
+        answer.timings["retrieval_ms"] = round((time.perf_counter() - t0) * 1000, 2)
+        answer.hits = hits
+        sims = [h.similarity for h in hits if h.similarity is not None]
+        best = max(sims) if sims else None
+        if not hits or (best is not None and best < cfg.min_similarity):
+            answer.refusal_reason = (f"retrieval: best match similarity {best:.2f} below min_similarity {cfg.min_similarity:.2f}"
+                                     if best is not None else "retrieval: nothing matched")
+            return self._refuse(answer, hits, dont_know(collection, best, cfg.min_similarity)), "none"
+        if not (cfg.evidence_sentences or cfg.abstain_threshold > 0):
+            return hits, "none"
+        from serving.evidence import evidence_sources, support_score
+        from serving.ranker import rank_evidence
+
+        t0 = time.perf_counter()
+        ranked, ranker = rank_evidence(col, answer.question, hits, cfg.evidence_skip_questions, cfg.evidence_ranker)
+        answer.abstain_score = support_score(ranked, hits)
+        if cfg.evidence_sentences:
+            hits = evidence_sources(hits, ranked, cfg.evidence_sentences, cfg.evidence_window_tokens,
+                                    self.generator.count_tokens)
+        answer.timings["evidence_ms"] = round((time.perf_counter() - t0) * 1000, 2)
+        if cfg.abstain_threshold > 0 and (answer.abstain_score or 0.0) < cfg.abstain_threshold:
+            answer.refusal_reason = (f"support score {answer.abstain_score or 0.0:.2f} below abstain_threshold "
+                                     f"{cfg.abstain_threshold:.2f}: no retrieved sentence supports an answer")
+            return self._refuse(answer, hits, cfg.refusal_text), ranker
+        return hits, ranker
+
+    def _refuse(self, answer: Answer, hits: list[Any], text: str) -> list[Any]:
+        answer.refused, answer.text = True, text
+        answer.sources = [self._source(n, h) for n, h in enumerate(hits, start=1)]
+        return hits
+
+    def _decoding_options(self, answer: Answer, cfg: ServeConfig, params: GenerationParams, plan: Any,
+                          prompt: Callable[..., Any], use_adapter: str | None) -> tuple[Any, list[Any]]:
+        """Grounded decoding (a constraint on ``params``, and each source's offset map for the exact spans) and
+        context-aware decoding (the question-only prompt as ``params.contrast_ids``), as ``cfg`` asks."""
+        constraint, maps = None, []
+        local = self.generator.local_decoding
+        if (cfg.grounded or cfg.cad_alpha > 0) and not local:
+            answer.notes.append("grounded and context-aware decoding need the local backend; decoded plainly")
+            return constraint, maps
+        if cfg.grounded:
+            from serving.grounding import GroundedConstraint
+
+            # the constraint sees each source exactly as the prompt holds it (cut to source_tokens, flattened:
+            # a prefix of the flattened chunk, so the offset map of the whole chunk applies)
+            maps = [flatten_with_offsets(s.text)[1] for s in answer.sources]
+            # the refusal sentence is a copyable pseudo-source only for adapters (trained to say it): for the
+            # base model it was a magnet ("The sources ..." -> "The sources do not say" on 9 of 24 dev rows)
+            constraint = GroundedConstraint(self.generator.tokenizer, plan.source_texts, self.generator.eos_ids,
+                                            refusal=cfg.refusal_text if use_adapter else "", max_spans=cfg.grounded_spans)
+            params.constraint = constraint
+            params.stop = tuple(params.stop) + ("\n",)  # a grounded answer is one paragraph (sources are flattened)
+        if cfg.cad_alpha > 0:
+            params.contrast_ids, params.cad_alpha = self.generator.render(prompt(sources=()).messages), cfg.cad_alpha
+        return constraint, maps
 
     def answer(self, question: str, mode: str = "rag", collection: str | None = None, adapter: str | None = None,
                history: Sequence[Any] | None = None, **kwargs: Any) -> Answer:
