@@ -46,7 +46,7 @@ class ServeConfig:
     max_question_chars: int = field(2000, help="longer questions are refused with a message")
     seed: int = field(0, help="sampling seed (temperature > 0)")
     # --- answering from the sources (issue 11); each measured on a dev split of the training questions
-    # defaults chosen on the dev split (README, "Answering from the sources"): one grounded extract of the best sentence
+    # defaults chosen on the dev split (docs/answering-from-sources.md): one grounded extract of the best sentence
     grounded: bool = field(True, help="grounded decoding (local backend): the answer's content is copied from the sources "
                                      "span by span (plus connecting words, punctuation, [n]); each span's source is known exactly")
     grounded_spans: int = field(1, help="grounded decoding: at most this many copied spans (0 = any number; 1 = the answer "
@@ -69,10 +69,10 @@ class ServeConfig:
     abstain_threshold: float = field(0.0, help="abstain when the support score (mean of the best chunk's similarity and the best "
                                                "sentence's question-term coverage, serving.evidence.support_score) is below this "
                                                "(0 = off). 0.479 was the dev split's choice (<= 5% false abstain on qa/dev.jsonl) but abstained on "
-                                               "66% of the paraphrased test questions: see the README before turning it on")
+                                               "66% of the answerable test questions (paraphrased): see docs/answering-from-sources.md before turning it on")
     refusal_text: str = field("The sources do not say.", help="what the assistant answers when it abstains")
     # rag+ft reads with its own options: an adapter answers best in the layout it was trained on (RAFT rows hold
-    # whole chunks, decoded plainly), which is not the base model's best (README, "Answering from the sources")
+    # whole chunks, decoded plainly), which is not the base model's best (docs/answering-from-sources.md)
     ragft_grounded: bool = field(False, help="rag+ft: grounded decoding (as `grounded`, for answers with an adapter)")
     ragft_grounded_spans: int = field(0, help="rag+ft: at most this many copied spans (as `grounded_spans`)")
     ragft_evidence_sentences: int = field(0, help="rag+ft: the best N sentences instead of whole chunks (as "

@@ -15,7 +15,7 @@ A question is kept only when the evidence shown holds its answer (``tuning.raft.
 "correct" uses): the adapter learns to find and copy the answer in what it is shown, not to answer from
 memory. Unanswerable questions and yes/no answers (which a copied span cannot give) are skipped and
 counted. Serve such an adapter with the same layout: ``ragft_evidence_sentences=N ragft_grounded=true
-ragft_grounded_spans=1`` (README, "Answering from the sources").
+ragft_grounded_spans=1`` (docs/answering-from-sources.md).
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ def test_one_span_grounding_gives_an_extract_without_preamble(serving_home, serv
 
 
 def test_defaults_answer_with_one_grounded_extract_of_the_best_sentence(serving_home, serving_generator):
-    """The dev-chosen defaults (README, "Answering from the sources"): the best-ranked sentence is the one
+    """The dev-chosen defaults (docs/answering-from-sources.md): the best-ranked sentence is the one
     source, and the answer is one extract of it with its exact citation."""
     from rag.collection import Workspace
     from serving.assistant import Assistant

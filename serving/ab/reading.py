@@ -3,7 +3,7 @@
 A RAFT adapter answers in ``rag+ft`` from whole chunks (the layout of its training rows), from the best
 evidence sentence with grounded decoding, or from that sentence with a second look at the whole chunks where
 it says the sources do not say (``second_look``); which one is best depends on the adapter and the collection
-(README, "Answering from the sources": the demo's 2-epoch adapter lost 5.5 F1 points with sentences on its
+(docs/answering-from-sources.md: the demo's 2-epoch adapter lost 5.5 F1 points with sentences on its
 dev split, the COVID-QA adapter gained 4.3). ``ragtune adapters reading NAME -c C --questions DEV.jsonl``
 answers the dev questions in each layout, keeps the one with the highest mean token F1 (a tie keeps the
 simpler layout) and writes it, with the figures it was chosen on, into the adapter's manifest;
