@@ -31,8 +31,10 @@ QUESTIONS = [
 
 # The gate's constructed case: references any sensible answer repeats (a word of the question or of the
 # one matching source), so the base model with retrieval scores them and a wrecked adapter does not.
-# The gate is under test here, not the 135M model's knowledge.
-GATE_QUESTIONS = [{**q, "answer": a} for q, a in zip(QUESTIONS, ["vault", "ferry", "Corvida", "mascot", "Brenholt", "time"])]
+# The gate is under test here, not the 135M model's knowledge. Each is a word the base model's 16-token
+# answer says early ("Brenholt" and "time" were not: the base scored 4 of 6, and once the wrecked adapter's
+# noise held one of them, 1 of 6, the CI of +0.5 held zero and the gate test failed in a CI run).
+GATE_QUESTIONS = [{**q, "answer": a} for q, a in zip(QUESTIONS, ["vault", "ferry", "Corvida", "mascot", "vault", "Tullan"])]
 
 
 def _write_adapters(home: Path, probe: dict | None, model, base) -> None:
@@ -44,9 +46,9 @@ def _write_adapters(home: Path, probe: dict | None, model, base) -> None:
     from tuning.adapters import adapter_dir, write_manifest
     from tuning.models import weights_hash
 
+    torch.manual_seed(7)  # before peft draws lora_A: unseeded, 'wreck' was another random model in each run
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
                                                   init_lora_weights=True, task_type="CAUSAL_LM"))
-    torch.manual_seed(7)
     for n, (name, scale) in enumerate((("zero", 0.0), ("wreck", 0.5))):
         with torch.no_grad():
             for pname, param in peft_model.named_parameters():
