@@ -345,7 +345,7 @@ class Assistant:
         rag = uses_retrieval(mode)
         answer = Answer(question=question, mode=mode, text="", adapter=use_adapter,
                         base_model=getattr(self.generator, "base_id", None), collection=collection if rag else None)
-        hits, ranker = (self._retrieve(answer, turns, cfg, collection, k, _first) if rag else ([], "none"))
+        hits, ranker = self._retrieve(answer, turns, cfg, collection, k, _first) if rag else ([], "none")
         if answer.refused:  # retrieval found nothing close enough, or nothing supports an answer
             return AnswerStream(self, answer, None, started, chat_id, log)
         params = GenerationParams.from_config(cfg, max_new_tokens=max_new_tokens, temperature=temperature)
@@ -361,7 +361,7 @@ class Assistant:
             raise ServingError(str(exc)) from None
         answer.notes = plan.notes
         answer.sources = [self._source(n, h) for n, h in enumerate(hits[:plan.sources_used], start=1)]
-        constraint, maps = (self._decoding_options(answer, cfg, params, plan, prompt, use_adapter) if rag else (None, []))
+        constraint, maps = self._decoding_options(answer, cfg, params, plan, prompt, use_adapter) if rag else (None, [])
         answer.decoding = {"grounded": bool(constraint), "grounded_spans": cfg.grounded_spans if constraint else 0, "cad_alpha": params.cad_alpha if params.contrast_ids else 0.0,
                            "evidence_sentences": cfg.evidence_sentences if rag else 0, "evidence_ranker": ranker, "k": k or cfg.k if rag else 0,
                            "source_tokens": cfg.source_tokens, "abstain_threshold": cfg.abstain_threshold if rag else 0.0}
@@ -385,10 +385,11 @@ class Assistant:
             # the first look's retrieval (same hits, same collection version) and support score; its refusal checks
             # passed, and whole chunks need no sentence ranking
             seen = first.answer
-            answer.collection_version, answer.retrieval_query, answer.hits = seen.collection_version, seen.retrieval_query, list(seen.hits)
+            answer.hits = hits = list(seen.hits)
+            answer.collection_version, answer.retrieval_query = seen.collection_version, seen.retrieval_query
             answer.abstain_score = seen.abstain_score
             answer.timings.update({key: seen.timings[key] for key in ("retrieval_ms", "evidence_ms") if key in seen.timings})
-            return list(seen.hits), seen.decoding.get("evidence_ranker", "none")
+            return hits, seen.decoding.get("evidence_ranker", "none")
         col = self.workspace.get(collection)
         answer.collection_version = col.version()
         answer.retrieval_query = retrieval_query(answer.question, turns)
@@ -401,7 +402,8 @@ class Assistant:
         if not hits or (best is not None and best < cfg.min_similarity):
             answer.refusal_reason = (f"retrieval: best match similarity {best:.2f} below min_similarity {cfg.min_similarity:.2f}"
                                      if best is not None else "retrieval: nothing matched")
-            return self._refuse(answer, hits, dont_know(collection, best, cfg.min_similarity)), "none"
+            self._refuse(answer, hits, dont_know(collection, best, cfg.min_similarity))
+            return hits, "none"
         if not (cfg.evidence_sentences or cfg.abstain_threshold > 0):
             return hits, "none"
         from serving.evidence import evidence_sources, support_score
@@ -417,13 +419,13 @@ class Assistant:
         if cfg.abstain_threshold > 0 and (answer.abstain_score or 0.0) < cfg.abstain_threshold:
             answer.refusal_reason = (f"support score {answer.abstain_score or 0.0:.2f} below abstain_threshold "
                                      f"{cfg.abstain_threshold:.2f}: no retrieved sentence supports an answer")
-            return self._refuse(answer, hits, cfg.refusal_text), ranker
+            self._refuse(answer, hits, cfg.refusal_text)
         return hits, ranker
 
-    def _refuse(self, answer: Answer, hits: list[Any], text: str) -> list[Any]:
+    def _refuse(self, answer: Answer, hits: list[Any], text: str) -> None:
+        """Mark ``answer`` refused before generation: ``text`` is the whole answer, ``hits`` its sources."""
         answer.refused, answer.text = True, text
         answer.sources = [self._source(n, h) for n, h in enumerate(hits, start=1)]
-        return hits
 
     def _decoding_options(self, answer: Answer, cfg: ServeConfig, params: GenerationParams, plan: Any,
                           prompt: Callable[..., Any], use_adapter: str | None) -> tuple[Any, list[Any]]:
