@@ -260,12 +260,89 @@ def test_packed_int8_siblings_give_the_same_bits_as_separate_layers(serving_gene
     assert packed.gate_proj.group is packed.up_proj.group and not hasattr(separate.q_proj, "group")
     with torch.inference_mode():
         for rows in (1, 5):
-            x = torch.randn(rows, 3, 96) * torch.linspace(0.1, 4.0, rows).view(rows, 1, 1)
-            for a, b in zip(packed(x), separate(x)):
-                assert torch.equal(a, b)
+            for positions in (3, 1):  # a prompt slice (fbgemm, per-row mapping) and a decode step (int8 x bf16)
+                x = torch.randn(rows, positions, 96) * torch.linspace(0.1, 4.0, rows).view(rows, 1, 1)
+                for a, b in zip(packed(x), separate(x)):
+                    assert torch.equal(a, b)
     attention = serving_generator.model.model.layers[0].self_attn
     q, v = (getattr(m, "base", m) for m in (attention.q_proj, attention.v_proj))  # under a LoRA wrapper once adapted
     assert q.group is v.group
+
+
+@pytest.mark.parametrize("which", ["int8", "none"])
+def test_lean_decode_step_gives_the_same_bits_as_the_model_forward(which, serving_generator, fp32_generator):
+    """The engine's decode step (serving.generation.llama_step) and the model's own forward give the same
+    logits, bit for bit: one row alone, and three left-padded rows of different lengths with different
+    adapters (one with none) over several steps."""
+    import torch
+    import torch.nn.functional as F
+
+    gen = serving_generator if which == "int8" else fp32_generator
+    assert gen._lean_steps
+    keys = [gen.load_adapter(a).key if a else "__base__" for _, a in CASES[:3]]
+    prompts = [gen.render(m) for m, _ in CASES[:3]]
+    layers = gen.model.config.num_hidden_layers
+    with torch.inference_mode(), gen._lock:
+        caches, tokens = [], []
+        for ids, key in zip(prompts, keys):
+            cache = gen._new_cache(capacity=len(ids) + 8)
+            tokens.append(int(gen._forward(torch.tensor([ids]), cache, [key])[0].argmax()))
+            caches.append(cache)
+        for rows in (1, 3):
+            width = max(len(ids) for ids in prompts[:rows])
+            twins = [gen._new_cache([[(c.layers[i].keys, c.layers[i].values) for c in caches[:rows]] for i in range(layers)],
+                                    width + 8) for _ in range(2)]
+            mask = torch.cat([F.pad(torch.ones((1, len(ids)), dtype=torch.long), (width - len(ids), 0))
+                              for ids in prompts[:rows]])
+            lengths, step_tokens = [len(ids) for ids in prompts[:rows]], tokens[:rows]
+            for _ in range(4):
+                mask = torch.cat([mask, torch.ones((rows, 1), dtype=torch.long)], dim=1)
+                positions = torch.tensor([[n] for n in lengths])
+                ids = torch.tensor([[t] for t in step_tokens])
+                out = []
+                for lean, cache in zip((True, False), twins):
+                    gen._lean_steps = lean
+                    try:
+                        out.append(gen._forward(ids, cache, keys[:rows], mask if rows > 1 else None, positions))
+                    finally:
+                        gen._lean_steps = True
+                assert torch.equal(out[0], out[1]), (which, rows)
+                lengths = [n + 1 for n in lengths]
+                step_tokens = out[0].argmax(dim=-1).tolist()
+
+
+def test_int8_decode_step_rows_do_not_depend_on_their_neighbours(serving_generator):
+    """A decode step (one position per row) multiplies the int8 weights with bf16 activations: each row's
+    output is the same bits alone and in batches of 2-8 rows, and near the fp32 layer's; a prompt slice
+    (several positions) keeps the per-row mapped fbgemm path; the served model's block layers carry the
+    decode weights and its output head does not."""
+    import torch
+    from torch import nn
+
+    from serving.generation import int8
+
+    torch.manual_seed(1)
+    linear = nn.Linear(192, 320)
+    layer = nn.Sequential(linear)
+    int8.quantize_int8(layer)
+    layer = layer[0]
+    x = torch.randn(8, 1, 192) * torch.linspace(0.05, 6.0, 8).view(8, 1, 1)
+    with torch.inference_mode():
+        alone = [layer(x[i:i + 1]) for i in range(8)]
+        for rows in (2, 3, 8):
+            together = layer(x[:rows])
+            assert all(torch.equal(together[i:i + 1], alone[i]) for i in range(rows))
+        exact = linear(x)
+        error = (torch.cat(alone) - exact).abs().max() / exact.abs().max()
+        assert 0 < error < 0.02, error
+        assert layer.weight_int8.dtype == torch.int8 and layer.weight_int8.shape == (320, 192)
+        slices = layer(x.view(1, 8, 192))  # one row of 8 positions: the mapped path, not the decode path
+        assert not torch.equal(slices.view(8, 1, 320), torch.cat(alone))
+        assert (slices.view(8, 1, 320) - exact).abs().max() / exact.abs().max() < 0.05
+    model = serving_generator.model
+    mlp = model.model.layers[0].mlp
+    assert getattr(mlp.down_proj, "base", mlp.down_proj).weight_int8 is not None
+    assert model.get_output_embeddings().weight_int8 is None  # the head: fbgemm (faster for 49k columns)
 
 
 def test_bf16_prefill_is_closer_to_fp32_and_keeps_its_own_prefix_cache(serving_generator, fp32_generator):

@@ -28,6 +28,8 @@ from typing import Any
 from serving.config import ServingError
 from serving.generation.int8 import bf16_matmuls, quantize_int8
 from serving.generation.kvcache import RoomyCache
+from serving.generation.llama_step import decode_step
+from serving.generation.llama_step import supports as supports_lean_step
 from serving.generation.lora import LoraError, LoraSet
 from serving.generation.scheduler import BASE_ROW, BatchScheduler, Request, read_pieces
 from serving.generation.types import GenerationParams, TokenStream
@@ -56,7 +58,8 @@ class LocalGenerator:
 
     def __init__(self, base_model: str = "smollm2-135m-instruct", home: str | os.PathLike | None = None,
                  quantize: str = "auto", device: str = "auto", threads: int = 0, max_batch_rows: int = DEFAULT_MAX_ROWS,
-                 kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS, bf16_prefill: bool | None = None) -> None:
+                 kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS, bf16_prefill: bool | None = None,
+                 lean_steps: bool = True) -> None:
         import torch
 
         from core.workspace import ragtune_home
@@ -89,6 +92,7 @@ class LocalGenerator:
 
         attention.install(self.model)
         self._row_lengths = attention.row_lengths
+        self._lean_steps = lean_steps and supports_lean_step(self.model)  # serving.generation.llama_step
         if not getattr(self.tokenizer, "chat_template", None):
             from tuning.data import ensure_chat_template
 
@@ -271,6 +275,8 @@ class LocalGenerator:
             lengths = [int(n) + 1 for n in positions[:, 0].tolist()]  # keys per row, the new token included
         # a prefill (no mask: one request alone) takes the LoRA products in float32, decode steps in float64
         with self._row_lengths(lengths), self._lora.rows(adapters, exact=mask is not None), bf16_matmuls(bf16):
+            if self._lean_steps and ids.shape[1] == 1:  # a decode step: the same operations, less Python
+                return decode_step(self.model, ids, cache, kwargs.get("position_ids"))
             return self.model(input_ids=ids, **kwargs).logits[:, -1, :]
 
 
