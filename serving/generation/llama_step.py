@@ -1,7 +1,7 @@
 """One decode step of a Llama-architecture model without transformers' per-call machinery, same bits.
 
-A decode step of SmolLM2-135M runs ~1,100 tensor operations; on a 2-core CPU the Python around them is a
-third of the step. transformers' forward adds, per step, the causal-mask builder, output-capture and
+A decode step of SmolLM2-135M runs over a thousand tensor operations; on a 2-core CPU the Python around
+them is a third of the step. transformers' forward adds, per step, the causal-mask builder, output-capture and
 keyword-deprecation decorators on the model and on each of the 30 decoder layers, the attention-interface
 lookup and the output dataclasses. :func:`decode_step` calls the model's own modules in the order
 ``LlamaModel.forward`` / ``LlamaDecoderLayer.forward`` / ``LlamaAttention.forward`` do (the embedding,
