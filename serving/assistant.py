@@ -137,12 +137,15 @@ class AnswerStream:
                         continue
                     holding, piece = False, "".join(parts)
                 yield piece
-            answer.text = "".join(parts).strip()
+            streamed = "".join(parts)
+            answer.text = streamed.strip()
             if self._constraint is not None:  # grounded: the exact citations of the copied spans, appended
                 self._grounded_result(answer)
                 marker = "".join(f"[{n}]" for n in answer.cited)
                 if marker and not answer.refused:
-                    answer.text = f"{answer.text} {marker}"
+                    # one space before the citations, unless the streamed text already ends with one
+                    marker = ("" if streamed[-1:].isspace() else " ") + marker
+                    answer.text = (streamed + marker).strip()
             answer.finish_reason = self._tokens.finish_reason
             answer.timings["prompt_tokens"] = self._tokens.prompt_tokens
             answer.timings["completion_tokens"] = self._tokens.completion_tokens
@@ -163,7 +166,7 @@ class AnswerStream:
                 if holding:
                     yield "".join(parts)
                 if marker and not answer.refused:
-                    yield " " + marker
+                    yield marker
         answer.timings["total_s"] = round(time.perf_counter() - self._started, 4)
         if self._log and self._assistant.store is not None:
             store = self._assistant.store

@@ -56,8 +56,8 @@ def fp32_generator(serving_home):
 
 
 @pytest.mark.parametrize("which", ["int8", "int8, bf16 prefill", "none"])
-def test_mixed_batch_equals_each_request_alone(which, serving_generator, fp32_generator):
-    gen = serving_generator if which.startswith("int8") else fp32_generator
+def test_mixed_batch_equals_each_request_alone(which, serving_generator, bf16_generator, fp32_generator):
+    gen = {"int8": serving_generator, "int8, bf16 prefill": bf16_generator, "none": fp32_generator}[which]
     make = (lambda: params(prefill_bf16=which != "int8"))
     alone = [gen.stream(m, a, make()).text() for m, a in CASES]
     steps = gen.engine.steps
@@ -345,12 +345,12 @@ def test_int8_decode_step_rows_do_not_depend_on_their_neighbours(serving_generat
     assert model.get_output_embeddings().weight_int8 is None  # the head: fbgemm (faster for 49k columns)
 
 
-def test_bf16_prefill_is_closer_to_fp32_and_keeps_its_own_prefix_cache(serving_generator, fp32_generator):
+def test_bf16_prefill_is_closer_to_fp32_and_keeps_its_own_prefix_cache(bf16_generator, fp32_generator):
     """The prompt multiplied in bf16 (decode steps stay int8): its last-position logits are nearer the fp32
     model's than the int8 prefill's, and the system prompt's cached KV is kept per precision."""
     import torch
 
-    gen = serving_generator
+    gen = bf16_generator
     for messages, _ in CASES[:3]:
         ids = torch.tensor([gen.render(messages)])
         with torch.inference_mode():

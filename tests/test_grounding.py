@@ -82,7 +82,8 @@ def test_defaults_answer_with_one_grounded_extract_of_the_best_sentence(serving_
     assistant = Assistant(Workspace(serving_home), serving_generator, ServeConfig(max_new_tokens=24))
     answer = assistant.answer(QUESTIONS[0], "rag", "corvida", log=False)
     assert answer.decoding["grounded"] and answer.decoding["grounded_spans"] == 1 and answer.decoding["evidence_sentences"] == 1
-    assert answer.decoding["prefill"] == "bf16"  # recorded with the answer (this generator keeps bf16 weights)
+    # recorded with the answer: bf16 where this generator keeps bf16 weights (native bf16 CPUs), else int8
+    assert answer.decoding["prefill"] == ("bf16" if serving_generator.bf16_prefill else "int8")
     assert len(answer.sources) == 1 and len(answer.spans) == 1 and answer.cited == [1]
     assert answer.spans[0]["text"] in flat(answer.sources[0].text) and answer.text == f"{answer.spans[0]['text']} [1]"
     assert len(answer.sources[0].text) < 400  # a sentence, not a whole chunk
@@ -101,7 +102,7 @@ def test_spans_start_at_word_starts_never_inside_a_number(serving_generator):
 
 
 @pytest.mark.parametrize("bf16_prefill", [False, True])
-def test_generator_without_options_equals_transformers_greedy_generate(serving_generator, bf16_prefill):
+def test_generator_without_options_equals_transformers_greedy_generate(bf16_generator, bf16_prefill):
     """The decode loop with no constraint and no contrast is plain greedy decoding: token for token what
     ``model.generate`` gives on the same (int8) model, for prompts within one prefill slice; with the prompt
     multiplied in bf16, what ``generate`` gives inside ``bf16_matmuls`` (its one-row decode steps stay int8)."""
@@ -109,7 +110,7 @@ def test_generator_without_options_equals_transformers_greedy_generate(serving_g
 
     from serving.generation.int8 import bf16_matmuls
 
-    gen = serving_generator
+    gen = bf16_generator
     for question in QUESTIONS[:3]:
         ids = gen.render([{"role": "user", "content": question}])
         assert len(ids) < 256
