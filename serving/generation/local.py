@@ -28,8 +28,7 @@ from typing import Any
 from serving.config import ServingError
 from serving.generation.int8 import bf16_matmuls, quantize_int8
 from serving.generation.kvcache import RoomyCache
-from serving.generation.llama_step import decode_step
-from serving.generation.llama_step import supports as supports_lean_step
+from serving.generation.llama_step import decode_step, supports as supports_lean_step
 from serving.generation.lora import LoraError, LoraSet
 from serving.generation.scheduler import BASE_ROW, BatchScheduler, Request, read_pieces
 from serving.generation.types import GenerationParams, TokenStream
@@ -58,8 +57,7 @@ class LocalGenerator:
 
     def __init__(self, base_model: str = "smollm2-135m-instruct", home: str | os.PathLike | None = None,
                  quantize: str = "auto", device: str = "auto", threads: int = 0, max_batch_rows: int = DEFAULT_MAX_ROWS,
-                 kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS, bf16_prefill: bool | None = None,
-                 lean_steps: bool = True) -> None:
+                 kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS, bf16_prefill: bool | None = None) -> None:
         import torch
 
         from core.workspace import ragtune_home
@@ -92,7 +90,7 @@ class LocalGenerator:
 
         attention.install(self.model)
         self._row_lengths = attention.row_lengths
-        self._lean_steps = lean_steps and supports_lean_step(self.model)  # serving.generation.llama_step
+        self._lean_steps = supports_lean_step(self.model)  # decode steps via serving.generation.llama_step
         if not getattr(self.tokenizer, "chat_template", None):
             from tuning.data import ensure_chat_template
 
