@@ -21,6 +21,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from serving.generation.attention import rows_attention
+
 
 def supports(model: Any) -> bool:
     """True when ``model`` is a Llama causal LM with the module layout :func:`decode_step` relies on."""
@@ -36,11 +41,6 @@ def supports(model: Any) -> bool:
 def decode_step(model: Any, ids, cache, positions=None):
     """Last-position logits for one new token per row (``ids``: rows x 1) continuing ``cache``;
     ``positions`` (rows x 1) as the model's ``position_ids`` (default: the cache's length)."""
-    import torch
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    from serving.generation.attention import rows_attention
-
     inner = model.model
     rows = ids.shape[0]
     h = inner.embed_tokens(ids)
