@@ -93,6 +93,15 @@ class _FirstLook:
     answer: Answer
 
 
+def citation_marker(streamed: str, cited: Sequence[int]) -> str:
+    """What a grounded answer streams after its text: the ``[n]`` markers of the sources it copied from,
+    with one space before them unless the streamed text already ends with whitespace (the stream and
+    ``Answer.text`` must say the same)."""
+    if not cited:
+        return ""
+    return ("" if streamed[-1:].isspace() else " ") + "".join(f"[{n}]" for n in cited)
+
+
 class AnswerStream:
     """Iterate to get the answer's text pieces as they are generated; ``answer`` is complete after.
 
@@ -141,10 +150,8 @@ class AnswerStream:
             answer.text = streamed.strip()
             if self._constraint is not None:  # grounded: the exact citations of the copied spans, appended
                 self._grounded_result(answer)
-                marker = "".join(f"[{n}]" for n in answer.cited)
-                if marker and not answer.refused:
-                    # one space before the citations, unless the streamed text already ends with one
-                    marker = ("" if streamed[-1:].isspace() else " ") + marker
+                marker = "" if answer.refused else citation_marker(streamed, answer.cited)
+                if marker:
                     answer.text = (streamed + marker).strip()
             answer.finish_reason = self._tokens.finish_reason
             answer.timings["prompt_tokens"] = self._tokens.prompt_tokens
@@ -165,7 +172,7 @@ class AnswerStream:
             else:
                 if holding:
                     yield "".join(parts)
-                if marker and not answer.refused:
+                if marker:
                     yield marker
         answer.timings["total_s"] = round(time.perf_counter() - self._started, 4)
         if self._log and self._assistant.store is not None:

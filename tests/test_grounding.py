@@ -63,6 +63,19 @@ def test_grounded_spans_are_substrings_of_their_cited_sources(serving_home, serv
     assert spans_seen >= len(QUESTIONS)
 
 
+def test_citation_marker_puts_exactly_one_space_before_the_citations():
+    """The stream and Answer.text both end with this suffix: a copied span that ends with whitespace must not
+    get a second space ("more than  [1]" streamed while the text said "more than [1]")."""
+    from serving.assistant import citation_marker
+
+    assert citation_marker("more than ", [1, 4]) == "[1][4]"
+    assert citation_marker("more than\n", [2]) == "[2]"
+    assert citation_marker("more than", [1, 4, 3]) == " [1][4][3]"
+    assert citation_marker("more than", []) == ""
+    for streamed in ("more than ", "more than"):
+        assert streamed + citation_marker(streamed, [1]) == "more than [1]"
+
+
 def test_one_span_grounding_gives_an_extract_without_preamble(serving_home, serving_generator):
     assistant = make_assistant(serving_home, serving_generator, grounded=True, grounded_spans=1, max_new_tokens=24)
     for question in QUESTIONS[:2]:
