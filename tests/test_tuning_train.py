@@ -90,7 +90,7 @@ def test_early_stopping_keeps_the_best_checkpoint(tune_home, tiny_sft_data):
 
 
 def test_killed_run_resumes_to_the_same_adapter(tune_home, tiny_sft_data, tmp_path):
-    args = [f"data={tiny_sft_data}", *FAST, "max_steps=6", "save_steps=2", "val_share=0", "seed=7"]
+    args = [f"data={tiny_sft_data}", *FAST, "max_steps=4", "save_steps=2", "val_share=0", "seed=7"]
     env = {**os.environ, "RAGTUNE_HOME": str(tune_home), "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "serving.cli", "tune", "name=killed", *args]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
@@ -106,9 +106,9 @@ def test_killed_run_resumes_to_the_same_adapter(tune_home, tiny_sft_data, tmp_pa
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "{'loss'" not in resumed.stdout, resumed.stdout[-2000:]  # transformers' raw log dicts stay off stdout
     manifest = json.loads((tune_home / "adapters" / "killed" / "ragtune.json").read_text())
-    assert manifest["resumed_from"].startswith("checkpoint-") and manifest["metrics"]["steps"] == 6
+    assert manifest["resumed_from"].startswith("checkpoint-") and manifest["metrics"]["steps"] == 4
 
-    run(tune_home, tiny_sft_data, "name=straight", "max_steps=6", "save_steps=2", "val_share=0", "seed=7")
+    run(tune_home, tiny_sft_data, "name=straight", "max_steps=4", "save_steps=2", "val_share=0", "seed=7")
     a = load_file(tune_home / "adapters" / "killed" / "adapter_model.safetensors")
     b = load_file(tune_home / "adapters" / "straight" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
