@@ -442,3 +442,13 @@ def test_engine_stops_cleanly_at_exit_and_restarts_on_demand(serving_home, servi
     gen.engine.stop()
     assert not gen.engine._thread.is_alive()
     assert gen.stream(CASES[0][0], None, params()).text() == before
+
+    # a request in the batch when the engine stops ends with an error naming why: its reader never waits forever
+    running = gen.stream(CASES[3][0], None, params(max_new_tokens=200))
+    assert next(running)
+    gen.engine.stop()
+    with pytest.raises(ServingError, match="the engine was stopped before this answer finished"):
+        "".join(running)
+    left = gen.engine.stats()
+    assert (left["waiting"], left["prefilling"], left["running"], left["rows"]) == (0, 0, 0, 0)
+    assert gen.stream(CASES[0][0], None, params()).text() == before  # and the next request starts it again

@@ -150,6 +150,7 @@ class BatchScheduler:
         self._prefixes: OrderedDict[tuple, Any] = OrderedDict()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._exited = False  # the loop has returned (set under the condition, as submit reads it)
         atexit.register(_stop_at_exit, weakref.ref(self))
         self.steps = 0
         self.max_batch_seen = 0
@@ -166,16 +167,17 @@ class BatchScheduler:
                                f"kv_cache_tokens={self.kv_cache_tokens}; lower max_new_tokens or k, or raise kv_cache_tokens")
         with self._cond:
             self._waiting.append(request)
-            if self._thread is None or not self._thread.is_alive():
-                self._stopping = False
+            if self._thread is None or self._exited:  # both set under the lock: no request joins a thread that left
+                self._stopping, self._exited = False, False
                 self._thread = threading.Thread(target=self._loop, name="ragtune-engine", daemon=True)
                 self._thread.start()
             self._cond.notify_all()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """End the engine thread after its current step (requests still in it are left unfinished) and wait
-        for it. Run at interpreter exit: a daemon thread torn down inside torch's thread pools aborted the
-        process ("terminate called without an active exception", exit status 134) in 3 of 4 short runs."""
+        """End the engine thread after its current step and wait for it; requests still in it end with a
+        ServingError (their readers never wait forever). Run at interpreter exit: a daemon thread torn down
+        inside torch's thread pools aborted the process ("terminate called without an active exception", exit
+        status 134) in 3 of 4 short runs. The next request starts a new thread."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
@@ -219,20 +221,34 @@ class BatchScheduler:
 
     # --- the loop ---------------------------------------------------------------------------------
     def _loop(self) -> None:
-        while True:
-            with self._cond:
-                self._drop_cancelled()
-                while not (self._waiting or self._prefilling or self._running or self._stopping):
-                    self._cond.wait()
+        why = "the engine was stopped"
+        try:
+            while True:
+                with self._cond:
                     self._drop_cancelled()
-                if self._stopping:
-                    return
-                self._admit()
-            try:
-                with self._lock:
-                    self._step()
-            except Exception as exc:  # noqa: BLE001 - every request of the failed step learns why
-                self._fail_all(exc)
+                    while not (self._waiting or self._prefilling or self._running or self._stopping):
+                        self._cond.wait()
+                        self._drop_cancelled()
+                    if self._stopping:
+                        return
+                    self._admit()
+                try:
+                    with self._lock:
+                        self._step()
+                except Exception as exc:  # noqa: BLE001 - every request of the failed step learns why
+                    self._fail_all(exc)
+        except BaseException as exc:  # the loop itself broke: nobody may wait for it forever
+            why = f"the engine failed: {exc!r}"
+            raise
+        finally:
+            with self._cond:
+                everyone = self._waiting + self._prefilling + self._running
+                self._waiting, self._prefilling, self._running = [], [], []
+                self._rows, self._lengths, self._cache, self._mask = [], [], None, None
+                self._exited = True
+            for request in everyone:
+                request.finished = True
+                request.out.put(ServingError(f"{why} before this answer finished; ask again"))
 
     def _step(self) -> None:
         import torch
