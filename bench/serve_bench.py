@@ -17,6 +17,10 @@ Metrics (names fixed by issue 4):
 - adapter_mix_overhead: time per decode step of 8 rows with 4 different adapters / 8 rows with one
   (``--only batching`` runs this and batch_decode_tokens_per_s alone);
 - ab_run_speedup: an A/B run (all four arms) with 8 answers at once / the same run one answer at a time;
+- ``--only ttft``: ttft_phases_rag (p50 time to first token with the app's defaults, and its phases:
+  retrieval, evidence sentences, prompt tokens, engine prefill), grounded_constraint_ms (the constraint
+  built with ``get_vocab()`` per request / once per tokenizer) and evidence_ms_per_question (sentences
+  embedded in batches of 32 / 8), old and new in the same run;
 - http_*: the same generator behind ``ragtune serve``'s server on localhost (streamed chat completions
   read with the standard library), baseline = the generator called in-process, so each ratio is what
   the HTTP layer costs: http_ttft_p50_s (one-token answers), http_decode_tokens_per_s (streamed
@@ -84,10 +88,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer tokens and questions (same metrics)")
     parser.add_argument("--home", type=Path, default=None, help="workspace to use (default: a temp folder; the demo corpus is indexed into it)")
-    parser.add_argument("--only", choices=("all", "http", "concurrent", "batching"), default="all",
+    parser.add_argument("--only", choices=("all", "http", "concurrent", "batching", "ttft"), default="all",
                         help="http: only the http_* figures (what the server adds), e.g. to compare two server versions; "
                              "concurrent: only the concurrent_* figures, with where the engine's time went; "
-                             "batching: only batch_decode_tokens_per_s and adapter_mix_overhead")
+                             "batching: only batch_decode_tokens_per_s and adapter_mix_overhead; "
+                             "ttft: only the ttft_phases_rag figures (the app's defaults; --home a `make demo` workspace)")
     parser.add_argument("--adapter", default=None, help="adapter for the switch and rag+ft figures (default: an untrained one made here)")
     args = parser.parse_args()
     new_tokens = 32 if args.quick else 64
@@ -126,6 +131,10 @@ def main() -> None:
         return
     if args.only == "batching":
         batching_figures(gen, ws, adapter, new_tokens)
+        tmp.cleanup()
+        return
+    if args.only == "ttft":
+        ttft_figures(ws, gen, questions)
         tmp.cleanup()
         return
     if args.only == "concurrent":
@@ -286,6 +295,65 @@ def batching_figures(gen, ws, adapter: str, new_tokens: int) -> None:
     mixed = min(decode_together([adapters[i % 4] for i in range(8)])[1] for _ in range(2))
     line("adapter_mix_overhead", mixed / same, "x", "<= 1.3", baseline=round(same * 1000, 2), ragtune=round(mixed * 1000, 2),
          unit_detail="ms per decode step", baseline_is="8 rows, one adapter")
+
+
+def ttft_figures(ws, gen, questions: list[str]) -> None:
+    """Where a rag answer's time to first token goes with the app's defaults (grounded decoding, evidence
+    sentences): p50 of each phase over ``questions``; then two parts of it, old way (baseline) against
+    ragtune's in the same run: the grounded constraint built with ``get_vocab()`` each request / read once,
+    and the evidence sentences embedded in batches of 32 (sentence-transformers' default) / 8."""
+    import functools
+
+    from serving import grounding
+    from serving.assistant import Assistant
+    from serving.config import ServeConfig
+    from serving.evidence import rank_sentences
+
+    assistant = Assistant(ws, gen, ServeConfig())
+    assistant.warm_up()
+    busy = gen.engine.busy_seconds()
+    timings = [assistant.answer(q, "rag", "corvida", None, log=False).timings for q in questions]
+    after = gen.engine.busy_seconds()
+    phases = {k: round(statistics.median(t.get(k) or 0.0 for t in timings), 4)
+              for k in ("retrieval_ms", "evidence_ms", "ttft_s", "prompt_tokens")}
+    line("ttft_phases_rag", phases["ttft_s"], "s (p50)", "<= 1.0 (ttft_p50_s_rag)", questions=len(questions), **phases,
+         engine_s={k: round(after[k] - busy[k], 3) for k in ("prefill", "decode_forward", "choose")},
+         prefill_tokens=after["prefill_tokens"] - busy["prefill_tokens"])
+
+    tokenizer = gen.tokenizer
+    col = ws.get("corvida")
+    hits = [col.search(q, k=4) for q in questions]
+    sources = [h.text for h in hits[0]]
+
+    def build(cached: bool) -> float:
+        started = time.perf_counter()
+        if not cached:
+            grounding._vocabs.clear()
+        grounding.GroundedConstraint(tokenizer, sources, {tokenizer.eos_token_id}, refusal="Not in the sources.",
+                                     citations=True)
+        return time.perf_counter() - started
+
+    build(True)
+    times = {False: [], True: []}
+    for _ in range(10):
+        for cached in (False, True):
+            times[cached].append(build(cached))
+    old, new = statistics.median(times[False]) * 1000, statistics.median(times[True]) * 1000
+    line("grounded_constraint_ms", old / new, "x (get_vocab per request / once)", None, round(old, 2), round(new, 2))
+
+    def evidence(batch_size: int) -> float:
+        embed = functools.partial(col.embedder.embed_batch, batch_size=batch_size)
+        started = time.perf_counter()
+        for q, h in zip(questions, hits):
+            rank_sentences(q, h, embed, skip_questions=True)
+        return (time.perf_counter() - started) / len(questions)
+
+    spent = {32: [], 8: []}
+    for _ in range(2):  # interleaved: a loaded machine slows both alike
+        for size in (32, 8):
+            spent[size].append(evidence(size))
+    old, new = min(spent[32]) * 1000, min(spent[8]) * 1000
+    line("evidence_ms_per_question", old / new, "x (batches of 32 / 8)", None, round(old, 1), round(new, 1))
 
 
 def concurrent_figures(assistant, gen, eight: list, concurrent_tokens: int) -> None:
