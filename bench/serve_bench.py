@@ -20,7 +20,8 @@ Metrics (names fixed by issue 4):
 - ``--only ttft``: ttft_phases_rag (p50 time to first token with the app's defaults, and its phases:
   retrieval, evidence sentences, prompt tokens, engine prefill), grounded_constraint_ms (the constraint
   built with ``get_vocab()`` per request / once per tokenizer) and evidence_ms_per_question (sentences
-  embedded in batches of 32 / 8), old and new in the same run;
+  embedded in batches of 32 / 8) and evidence_ms_same_question_again (a question's sentences ranked a
+  second time, embedded again / kept), old and new in the same run;
 - http_*: the same generator behind ``ragtune serve``'s server on localhost (streamed chat completions
   read with the standard library), baseline = the generator called in-process, so each ratio is what
   the HTTP layer costs: http_ttft_p50_s (one-token answers), http_decode_tokens_per_s (streamed
@@ -307,7 +308,7 @@ def ttft_figures(ws, gen, questions: list[str]) -> None:
     from serving import grounding
     from serving.assistant import Assistant
     from serving.config import ServeConfig
-    from serving.evidence import rank_sentences
+    from serving.evidence import SentenceVectors, rank_sentences
 
     assistant = Assistant(ws, gen, ServeConfig())
     assistant.warm_up()
@@ -354,6 +355,21 @@ def ttft_figures(ws, gen, questions: list[str]) -> None:
             spent[size].append(evidence(size))
     old, new = min(spent[32]) * 1000, min(spent[8]) * 1000
     line("evidence_ms_per_question", old / new, "x (batches of 32 / 8)", None, round(old, 1), round(new, 1))
+
+    # the same question's sentences ranked a second time (an A/B run's rag+ft arm after its rag arm, the
+    # arena's second answer): embedded again / read from the process's SentenceVectors
+    kept = SentenceVectors(col.embedder)
+    for q, h in zip(questions, hits):
+        rank_sentences(q, h, kept, skip_questions=True)
+    again = {"embedded": [], "kept": []}
+    for _ in range(2):
+        for which, embed in (("embedded", functools.partial(col.embedder.embed_batch, batch_size=8)), ("kept", kept)):
+            started = time.perf_counter()
+            for q, h in zip(questions, hits):
+                rank_sentences(q, h, embed, skip_questions=True)
+            again[which].append((time.perf_counter() - started) / len(questions))
+    old, new = min(again["embedded"]) * 1000, min(again["kept"]) * 1000
+    line("evidence_ms_same_question_again", old / new, "x (embedded again / kept vectors)", None, round(old, 1), round(new, 1))
 
 
 def concurrent_figures(assistant, gen, eight: list, concurrent_tokens: int) -> None:

@@ -5,7 +5,7 @@ hold one answer sentence among ~25. :func:`rank_sentences` splits each retrieved
 (lines of tables and lists count as sentences), scores each by a convex mix of
 
 - the cosine between the question and the sentence, with the collection's own embedder (the MiniLM
-  already loaded for retrieval; one batch per question), and
+  already loaded for retrieval; each text embedded once per process, :class:`SentenceVectors`), and
 - BM25 of the sentence for the question, from SQLite FTS5 over the sentences (an in-memory table, the
   same scorer and query rule retrieval uses: :func:`rag.search.fts_query`),
 
@@ -22,8 +22,13 @@ threshold, tuned on a dev split, applies to every question.
 from __future__ import annotations
 
 import sqlite3
+import threading
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
+
+import numpy as np
 
 from rag.chunking import split_sentences
 from rag.search import Hit
@@ -39,6 +44,55 @@ class Sentence:
     bm25: float = 0.0
     score: float = 0.0
     coverage: float = 0.0  # share of the question's terms found in the sentence
+
+
+SENTENCE_BATCH = 8  # misses embedded in batches of 8, not sentence-transformers' 32 (see SentenceVectors)
+SENTENCE_CACHE = 20_000  # vectors kept per embedder (~30 MB for MiniLM's 384 floats)
+
+
+class SentenceVectors:
+    """``embed`` for :func:`rank_sentences`: the embedder's normalised vectors, each text embedded once and
+    kept (least recently used goes first past ``size``), so a sentence met again is not embedded again: the
+    rag and rag+ft arms of one A/B question, the arena's two answers, the next question on the same chunks.
+    Misses go in batches of :data:`SENTENCE_BATCH`: ~22 short sentences of four chunks, sorted by length, pad
+    to their batch's longest, so smaller batches pad less (per question on a 2-core AVX2 EPYC: 462 ms at 32,
+    367 ms at 8, ``serve_bench.py --only ttft``; the same order of sentences on 24 dev questions)."""
+
+    def __init__(self, embedder: Any, size: int = SENTENCE_CACHE) -> None:
+        self.embedder = embedder
+        self.size = size
+        self._vectors: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, texts: Sequence[str]) -> Any:
+        found: dict[str, Any] = {}
+        with self._lock:
+            for text in texts:
+                if text in self._vectors:
+                    self._vectors.move_to_end(text)
+                    found[text] = self._vectors[text]
+        missing = [t for t in dict.fromkeys(texts) if t not in found]
+        if missing:
+            fresh = self.embedder.embed_batch(missing, batch_size=SENTENCE_BATCH)
+            with self._lock:
+                for text, vector in zip(missing, fresh):
+                    found[text] = self._vectors[text] = vector
+                while len(self._vectors) > self.size:
+                    self._vectors.popitem(last=False)
+        return np.stack([found[t] for t in texts])
+
+
+_sentence_vectors: "weakref.WeakKeyDictionary[Any, SentenceVectors]" = weakref.WeakKeyDictionary()
+_sentence_lock = threading.Lock()
+
+
+def sentence_vectors(embedder: Any) -> SentenceVectors:
+    """The one :class:`SentenceVectors` of ``embedder`` in this process (a tuned embedder has its own)."""
+    with _sentence_lock:
+        cached = _sentence_vectors.get(embedder)
+        if cached is None:
+            cached = _sentence_vectors[embedder] = SentenceVectors(embedder)
+        return cached
 
 
 def _bm25(question: str, texts: Sequence[str]) -> list[float]:
@@ -160,4 +214,4 @@ def evidence_sources(hits: Sequence[Any], ranked: Sequence[Sentence], n: int, wi
     return out
 
 
-__all__ = ["Sentence", "split_sentences", "is_question", "rank_sentences", "support_score", "evidence_sources"]
+__all__ = ["Sentence", "SentenceVectors", "sentence_vectors", "split_sentences", "is_question", "rank_sentences", "support_score", "evidence_sources"]

@@ -23,7 +23,6 @@ fixed mix, with a warning when a file is there but does not match.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from serving.config import ServingError
-from serving.evidence import Sentence, _minmax, rank_sentences
+from serving.evidence import Sentence, _minmax, rank_sentences, sentence_vectors
 
 FILE = "evidence_ranker.json"
 FEATURES = ("mix", "cosine", "bm25", "coverage", "chunk_1", "chunk_2", "chunk_3", "chunk_4+", "has_number",
@@ -171,19 +170,12 @@ def why_no_span(row: dict) -> str | None:
     return "yes_no" if answer.rstrip(".") in ("yes", "no") else None
 
 
-def sentence_embed(col) -> Callable[[list[str]], Any]:
-    """The collection's embedder for ranking sentences, in batches of 8: the ~22 short sentences of four chunks,
-    sorted by length, pad to their batch's longest, so smaller batches pad less (per question on a 2-core AVX2
-    EPYC, 24 dev questions: 317-333 ms at sentence-transformers' 32, 260-275 ms at 8, 274 at 4; same order)."""
-    return functools.partial(col.embedder.embed_batch, batch_size=8)
-
-
 def rank_evidence(col, question: str, hits: Sequence[Any], skip_questions: bool,
                   ranker: str = "auto") -> tuple[list[Sentence], str]:
     """The sentences of ``hits`` best first, as the assistant orders its evidence: the fixed mix
     (:func:`serving.evidence.rank_sentences`), re-ranked by the collection's learned ranker when ``ranker`` is
     ``auto`` and it has one that fits. Returns the sentences and which ranker ordered them (learned/fixed)."""
-    ranked = rank_sentences(question, hits, sentence_embed(col), skip_questions=skip_questions)
+    ranked = rank_sentences(question, hits, sentence_vectors(col.embedder), skip_questions=skip_questions)
     learned = load_ranker(col) if ranker == "auto" else None
     if learned is None:
         return ranked, "fixed"
@@ -199,7 +191,7 @@ def _labelled(col, rows: Sequence[dict], k: int, mode: str, echo: Callable[[str]
     usable = [r for r in rows if str(r.get("question", "")).strip() and why_no_span(r) is None]
     for i, row in enumerate(usable, 1):
         hits = col.search(str(row["question"]), k=k, mode=mode)
-        ranked = rank_sentences(str(row["question"]), hits, sentence_embed(col), skip_questions=True)
+        ranked = rank_sentences(str(row["question"]), hits, sentence_vectors(col.embedder), skip_questions=True)
         if candidates(ranked):
             out.append((row, ranked, [holds_answer(s.text, str(row["answer"])) for s in candidates(ranked)]))
         if i % 50 == 0 or i == len(usable):

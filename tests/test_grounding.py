@@ -409,3 +409,39 @@ def test_second_look_reads_the_whole_chunks_after_a_refusal(serving_home, servin
     assert "".join(plain).strip() == first.text and "second_look" not in plain.answer.decoding
     assert ServeConfig(ragft_second_look=True).for_mode("rag+ft").second_look
     assert not ServeConfig(second_look=True, ragft_second_look=False).for_mode("rag+ft").second_look
+
+
+def test_sentence_vectors_embed_each_text_once_and_rank_as_the_embedder_does(embedder):
+    """The rag and rag+ft arms of one question (or the arena's two answers) rank the same sentences: the
+    second ranking embeds nothing, a new question over the same chunks embeds only itself, and the order
+    is the one the embedder gives directly. The kept vectors are bounded."""
+    import numpy as np
+
+    from rag.search import Hit
+    from serving.evidence import SentenceVectors, rank_sentences, split_sentences
+
+    calls: list[list[str]] = []
+
+    class Recorded:  # the real MiniLM; only its calls are written down
+        def embed_batch(self, texts, batch_size=32):
+            calls.append(list(texts))
+            return embedder.embed_batch(texts, batch_size=batch_size)
+
+    texts = ["The HX-9 heat pump delivers 9 kW of heating. Its casing is painted Basalt Grey.\n"
+             "Error E07 means low water flow; check the strainer. The warranty lasts seven years.",
+             "Support is open Saturday 09:00-13:00. Technicians carry spare strainers."]
+    hits = [Hit(i + 1, f"doc{i}.md", t, 100 * i, 100 * i + len(t), 1.0, {}, 0.5) for i, t in enumerate(texts)]
+    sentences = [t[a:b] for t in texts for a, b in split_sentences(t)]
+    kept = SentenceVectors(Recorded())
+    first = rank_sentences("What does error E07 mean?", hits, kept)
+    again = rank_sentences("What does error E07 mean?", hits, kept)
+    other = rank_sentences("When is support open?", hits, kept)
+    assert calls == [["What does error E07 mean?", *sentences], ["When is support open?"]]
+    order = lambda ranked: [(s.hit_index, s.start) for s in ranked]  # noqa: E731
+    assert order(first) == order(again) == order(rank_sentences("What does error E07 mean?", hits, embedder.embed_batch))
+    assert order(other) == order(rank_sentences("When is support open?", hits, embedder.embed_batch))
+    np.testing.assert_allclose(kept(sentences), embedder.embed_batch(sentences), atol=1e-5)
+
+    small = SentenceVectors(Recorded(), size=3)
+    small(sentences)
+    assert len(small._vectors) == 3 and list(small._vectors) == sentences[-3:]
