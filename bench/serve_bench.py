@@ -300,9 +300,10 @@ def batching_figures(gen, ws, adapter: str, new_tokens: int) -> None:
 
 def ttft_figures(ws, gen, questions: list[str]) -> None:
     """Where a rag answer's time to first token goes with the app's defaults (grounded decoding, evidence
-    sentences): p50 of each phase over ``questions``; then two parts of it, old way (baseline) against
+    sentences): p50 of each phase over ``questions``; then three parts of it, old way (baseline) against
     ragtune's in the same run: the grounded constraint built with ``get_vocab()`` each request / read once,
-    and the evidence sentences embedded in batches of 32 (sentence-transformers' default) / 8."""
+    the evidence sentences embedded in batches of 32 (sentence-transformers' default) / 8, and a question's
+    sentences ranked a second time, embedded again / kept."""
     import functools
 
     from serving import grounding
