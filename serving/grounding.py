@@ -69,8 +69,9 @@ _vocabs: "weakref.WeakKeyDictionary[Any, dict[str, int]]" = weakref.WeakKeyDicti
 
 def _vocab(tokenizer) -> dict[str, int]:
     """``tokenizer.get_vocab()``, built once per tokenizer object: it makes a new 49k-entry dict on every call
-    (54-71 ms on a 2-core AVX2 EPYC; serve_bench.py --only ttft), which was in every grounded request's time to first token. Tokens added
-    to the tokenizer after its first grounded request are not seen (ragtune adds none)."""
+    (54-71 ms on a 2-core AVX2 EPYC; serve_bench.py --only ttft), which was in every grounded request's time
+    to first token. Tokens added to the tokenizer after its first grounded request are not seen (ragtune
+    adds none)."""
     vocab = _vocabs.get(tokenizer)
     if vocab is None:
         vocab = _vocabs[tokenizer] = tokenizer.get_vocab()
