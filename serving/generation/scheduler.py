@@ -236,19 +236,12 @@ class BatchScheduler:
                     with self._lock:
                         self._step()
                 except Exception as exc:  # noqa: BLE001 - every request of the failed step learns why
-                    self._fail_all(exc)
+                    self._fail(f"generation failed: {exc}")
         except BaseException as exc:  # the loop itself broke: nobody may wait for it forever
             why = f"the engine failed: {exc!r}"
             raise
         finally:
-            with self._cond:
-                everyone = self._waiting + self._prefilling + self._running
-                self._waiting, self._prefilling, self._running = [], [], []
-                self._rows, self._lengths, self._cache, self._mask = [], [], None, None
-                self._exited = True
-            for request in everyone:
-                request.finished = True
-                request.out.put(ServingError(f"{why} before this answer finished; ask again"))
+            self._fail(f"{why} before this answer finished; ask again", exiting=True)
 
     def _step(self) -> None:
         import torch
@@ -449,15 +442,19 @@ class BatchScheduler:
                 request.finished = True
                 request.out.put(_END)
 
-    def _fail_all(self, exc: Exception) -> None:
-        error = ServingError(f"generation failed: {exc}")
+    def _fail(self, message: str, exiting: bool = False) -> None:
+        """End the batch's requests (and, when the loop is ``exiting``, the waiting ones too) with a
+        ServingError saying ``message``, and empty the batch. On exit ``_exited`` is set under the same lock,
+        so a request submitted after it starts a new thread instead of waiting on this one."""
         with self._cond:
-            everyone = self._prefilling + self._running
+            everyone = self._prefilling + self._running + (self._waiting if exiting else [])
             self._prefilling, self._running = [], []
+            self._rows, self._lengths, self._cache, self._mask = [], [], None, None
+            if exiting:
+                self._waiting, self._exited = [], True
         for request in everyone:
             request.finished = True
-            request.out.put(error)
-        self._rows, self._lengths, self._cache, self._mask = [], [], None, None
+            request.out.put(ServingError(message))
 
 
 def _stop_at_exit(ref) -> None:
