@@ -5,7 +5,8 @@ hold one answer sentence among ~25. :func:`rank_sentences` splits each retrieved
 (lines of tables and lists count as sentences), scores each by a convex mix of
 
 - the cosine between the question and the sentence, with the collection's own embedder (the MiniLM
-  already loaded for retrieval; each text embedded once per process, :class:`SentenceVectors`), and
+  already loaded for retrieval; each text embedded once per process, :class:`SentenceVectors`, and kept
+  on the collection's disk for the next process, :class:`StoredVectors`), and
 - BM25 of the sentence for the question, from SQLite FTS5 over the sentences (an in-memory table, the
   same scorer and query rule retrieval uses: :func:`rag.search.fts_query`),
 
@@ -21,11 +22,14 @@ threshold, tuned on a dev split, applies to every question.
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import threading
+import warnings
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -48,6 +52,8 @@ class Sentence:
 
 SENTENCE_BATCH = 8  # misses embedded in batches of 8, not sentence-transformers' 32 (see SentenceVectors)
 SENTENCE_CACHE = 20_000  # vectors kept per embedder (~30 MB for MiniLM's 384 floats)
+STORED_SENTENCES = 200_000  # vectors a collection keeps on disk (~330 MB for MiniLM), oldest dropped first
+STORE_FILE = "sentence_vectors.sqlite"
 
 
 class SentenceVectors:
@@ -64,7 +70,9 @@ class SentenceVectors:
         self._vectors: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
 
-    def __call__(self, texts: Sequence[str]) -> Any:
+    def __call__(self, texts: Sequence[str], store: "StoredVectors | None" = None, transient: Sequence[str] = ()) -> Any:
+        """Vectors of ``texts``: kept ones first, then ``store``'s (a collection's vectors on disk), then the
+        embedder for the rest, which go into ``store`` too unless ``transient`` (a question: met once)."""
         found: dict[str, Any] = {}
         with self._lock:
             for text in texts:
@@ -72,14 +80,124 @@ class SentenceVectors:
                     self._vectors.move_to_end(text)
                     found[text] = self._vectors[text]
         missing = [t for t in dict.fromkeys(texts) if t not in found]
-        if missing:
-            fresh = self.embedder.embed_batch(missing, batch_size=SENTENCE_BATCH)
+        stored = store.get(missing) if store is not None and missing else {}
+        missing = [t for t in missing if t not in stored]
+        fresh = dict(zip(missing, self.embedder.embed_batch(missing, batch_size=SENTENCE_BATCH))) if missing else {}
+        if store is not None and fresh:
+            store.put({t: v for t, v in fresh.items() if t not in transient})
+        if stored or fresh:
             with self._lock:
-                for text, vector in zip(missing, fresh):
+                for text, vector in (*stored.items(), *fresh.items()):
                     found[text] = self._vectors[text] = vector
                 while len(self._vectors) > self.size:
                     self._vectors.popitem(last=False)
         return np.stack([found[t] for t in texts])
+
+
+class StoredVectors:
+    """A collection's sentence vectors on disk (``<collection folder>/sentence_vectors.sqlite``), so that a new
+    process (the app after a restart, ``ragtune ask``, an A/B run) does not embed again the sentences of
+    chunks an earlier one ranked: ``ragtune tune-ranker``, which ranks every training question's chunks,
+    fills it for most of a collection. Keyed by the SHA-256 of the sentence's text, for one embedding model
+    (a store written by another model is emptied when opened: the collection was reindexed). A cache, never
+    a source of truth: a locked database skips the write, a damaged one is set aside with a warning naming
+    the file, and the answer is ranked from fresh vectors either way. At most ``limit`` vectors (float32,
+    1.5 kB each for MiniLM), the oldest dropped first."""
+
+    def __init__(self, path: str | Path, model: str, dimension: int, limit: int = STORED_SENTENCES) -> None:
+        self.path, self.model, self.dimension, self.limit = Path(path), model, int(dimension), limit
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._broken = False
+        self._writes = 0
+
+    def _open(self) -> sqlite3.Connection | None:
+        if self._conn is None and not self._broken:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                conn = sqlite3.connect(self.path, timeout=0.5, check_same_thread=False, isolation_level=None)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+                conn.execute("CREATE TABLE IF NOT EXISTS vectors (digest BLOB NOT NULL UNIQUE, vector BLOB NOT NULL)")
+                meta = dict(conn.execute("SELECT key, value FROM meta"))
+                if meta != {"model": self.model, "dimension": str(self.dimension)}:  # new, or another embedder
+                    with conn:
+                        conn.execute("BEGIN IMMEDIATE")
+                        conn.execute("DELETE FROM vectors")
+                        conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                                         [("model", self.model), ("dimension", str(self.dimension))])
+                self._conn = conn
+            except sqlite3.OperationalError as exc:  # locked by another writer for now: try again next time
+                if "locked" not in str(exc):
+                    self._set_aside(exc)
+            except sqlite3.DatabaseError as exc:
+                self._set_aside(exc)
+        return self._conn
+
+    def _set_aside(self, exc: Exception) -> None:
+        self._broken = True
+        self._conn = None
+        warnings.warn(f"{self.path}: sentence vector store unreadable ({exc}); sentences are embedded afresh. "
+                      f"Delete the file to rebuild it (it is only a cache)", stacklevel=3)
+
+    @staticmethod
+    def _digest(text: str) -> bytes:
+        return hashlib.sha256(text.encode("utf-8")).digest()
+
+    def get(self, texts: Sequence[str]) -> dict[str, Any]:
+        """The stored vectors of those of ``texts`` that have one."""
+        with self._lock:
+            conn = self._open()
+            if conn is None:
+                return {}
+            by_digest = {self._digest(t): t for t in texts}
+            found: dict[str, Any] = {}
+            try:
+                for start in range(0, len(by_digest), 500):
+                    keys = list(by_digest)[start:start + 500]
+                    rows = conn.execute(f"SELECT digest, vector FROM vectors WHERE digest IN ({','.join('?' * len(keys))})", keys)
+                    for digest, blob in rows:
+                        if len(blob) == 4 * self.dimension:  # a row of another length is ignored (and re-embedded)
+                            found[by_digest[bytes(digest)]] = np.frombuffer(blob, dtype=np.float32).copy()
+            except sqlite3.OperationalError:
+                return {}
+            except sqlite3.DatabaseError as exc:
+                self._set_aside(exc)
+                return {}
+            return found
+
+    def put(self, vectors: dict[str, Any]) -> None:
+        """Keep ``vectors`` (text -> vector); skipped when another process holds the write lock."""
+        with self._lock:
+            conn = self._open()
+            if conn is None or not vectors:
+                return
+            rows = [(self._digest(t), np.asarray(v, dtype=np.float32).tobytes()) for t, v in vectors.items()]
+            try:
+                with conn:
+                    conn.execute("BEGIN IMMEDIATE")
+                    conn.executemany("INSERT OR IGNORE INTO vectors (digest, vector) VALUES (?, ?)", rows)
+                    self._writes += 1
+                    if self._writes % 50 == 1:  # the bound, checked now and then (a count is a scan)
+                        over = conn.execute("SELECT COUNT(*) FROM vectors").fetchone()[0] - self.limit
+                        if over > 0:
+                            conn.execute("DELETE FROM vectors WHERE rowid IN (SELECT rowid FROM vectors ORDER BY rowid LIMIT ?)",
+                                         (over + self.limit // 10,))
+            except sqlite3.OperationalError:
+                pass  # locked: another process writes; this cache entry waits for the next miss
+            except sqlite3.DatabaseError as exc:
+                self._set_aside(exc)
+
+    def count(self) -> int:
+        with self._lock:
+            conn = self._open()
+            return conn.execute("SELECT COUNT(*) FROM vectors").fetchone()[0] if conn is not None else 0
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
 
 _sentence_vectors: "weakref.WeakKeyDictionary[Any, SentenceVectors]" = weakref.WeakKeyDictionary()
@@ -93,6 +211,19 @@ def sentence_vectors(embedder: Any) -> SentenceVectors:
         if cached is None:
             cached = _sentence_vectors[embedder] = SentenceVectors(embedder)
         return cached
+
+
+_stores: dict[str, StoredVectors] = {}
+
+
+def stored_vectors(col) -> StoredVectors:
+    """The one :class:`StoredVectors` of collection ``col`` in this process."""
+    path = str(Path(col.folder) / STORE_FILE)
+    with _sentence_lock:
+        store = _stores.get(path)
+        if store is None or store.model != col.config.embedding_model:
+            store = _stores[path] = StoredVectors(path, col.config.embedding_model, col.embedder.dimension)
+        return store
 
 
 def _bm25(question: str, texts: Sequence[str]) -> list[float]:
@@ -214,4 +345,4 @@ def evidence_sources(hits: Sequence[Any], ranked: Sequence[Sentence], n: int, wi
     return out
 
 
-__all__ = ["Sentence", "SentenceVectors", "sentence_vectors", "split_sentences", "is_question", "rank_sentences", "support_score", "evidence_sources"]
+__all__ = ["Sentence", "SentenceVectors", "sentence_vectors", "StoredVectors", "stored_vectors", "split_sentences", "is_question", "rank_sentences", "support_score", "evidence_sources"]

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from serving.config import ServingError
-from serving.evidence import Sentence, _minmax, rank_sentences, sentence_vectors
+from serving.evidence import Sentence, _minmax, rank_sentences, sentence_vectors, stored_vectors
 
 FILE = "evidence_ranker.json"
 FEATURES = ("mix", "cosine", "bm25", "coverage", "chunk_1", "chunk_2", "chunk_3", "chunk_4+", "has_number",
@@ -170,12 +170,19 @@ def why_no_span(row: dict) -> str | None:
     return "yes_no" if answer.rstrip(".") in ("yes", "no") else None
 
 
+def collection_vectors(col, question: str) -> Callable[[list[str]], Any]:
+    """``embed`` for ranking ``col``'s sentences against ``question``: vectors kept in this process, then on the
+    collection's disk (:class:`serving.evidence.StoredVectors`), then embedded; the question is not stored."""
+    kept, store = sentence_vectors(col.embedder), stored_vectors(col)
+    return lambda texts: kept(texts, store=store, transient=(question,))
+
+
 def rank_evidence(col, question: str, hits: Sequence[Any], skip_questions: bool,
                   ranker: str = "auto") -> tuple[list[Sentence], str]:
     """The sentences of ``hits`` best first, as the assistant orders its evidence: the fixed mix
     (:func:`serving.evidence.rank_sentences`), re-ranked by the collection's learned ranker when ``ranker`` is
     ``auto`` and it has one that fits. Returns the sentences and which ranker ordered them (learned/fixed)."""
-    ranked = rank_sentences(question, hits, sentence_vectors(col.embedder), skip_questions=skip_questions)
+    ranked = rank_sentences(question, hits, collection_vectors(col, question), skip_questions=skip_questions)
     learned = load_ranker(col) if ranker == "auto" else None
     if learned is None:
         return ranked, "fixed"
@@ -191,7 +198,7 @@ def _labelled(col, rows: Sequence[dict], k: int, mode: str, echo: Callable[[str]
     usable = [r for r in rows if str(r.get("question", "")).strip() and why_no_span(r) is None]
     for i, row in enumerate(usable, 1):
         hits = col.search(str(row["question"]), k=k, mode=mode)
-        ranked = rank_sentences(str(row["question"]), hits, sentence_vectors(col.embedder), skip_questions=True)
+        ranked = rank_sentences(str(row["question"]), hits, collection_vectors(col, str(row["question"])), skip_questions=True)
         if candidates(ranked):
             out.append((row, ranked, [holds_answer(s.text, str(row["answer"])) for s in candidates(ranked)]))
         if i % 50 == 0 or i == len(usable):

@@ -179,6 +179,16 @@ def test_evidence_first_sources_are_exact_sentence_windows(serving_home, serving
         assert col.document_text(source.doc)[source.start:source.end] == source.text
         assert serving_generator.count_tokens(source.text) <= 40 or "." not in source.text[:-1]
     assert "evidence_ms" in answer.timings
+    # the ranked sentences' vectors are on the collection's disk for the next process; the question is not
+    from pathlib import Path
+
+    from rag.chunking import split_sentences
+    from serving.evidence import stored_vectors
+
+    store = stored_vectors(col)
+    held = [h.text[a:b] for h in answer.hits for a, b in split_sentences(h.text)]
+    assert store.path == Path(col.folder) / "sentence_vectors.sqlite" and store.path.is_file()
+    assert set(store.get(held)) == set(held) and store.get([QUESTIONS[1]]) == {}
 
 
 def test_sentence_ranking_puts_the_answering_sentence_first(embedder):
@@ -445,3 +455,57 @@ def test_sentence_vectors_embed_each_text_once_and_rank_as_the_embedder_does(emb
     small = SentenceVectors(Recorded(), size=3)
     small(sentences)
     assert len(small._vectors) == 3 and list(small._vectors) == sentences[-3:]
+
+
+def test_stored_sentence_vectors_serve_a_new_process_and_survive_bad_files(embedder, tmp_path):
+    """A collection's sentence vectors on disk: a new process (a fresh in-memory cache and store) embeds only
+    the question and ranks as before; the store is emptied for another embedder, set aside with a warning
+    naming the file when damaged (the answer still ranks), and bounded."""
+    import numpy as np
+
+    from rag.search import Hit
+    from serving.evidence import SentenceVectors, StoredVectors, rank_sentences, split_sentences
+
+    calls: list[list[str]] = []
+
+    class Recorded:
+        def embed_batch(self, texts, batch_size=32):
+            calls.append(list(texts))
+            return embedder.embed_batch(texts, batch_size=batch_size)
+
+    text = ("The HX-9 heat pump delivers 9 kW of heating. Error E07 means low water flow; check the strainer.\n"
+            "Support is open Saturday 09:00-13:00. The warranty lasts seven years.")
+    hits = [Hit(1, "doc.md", text, 0, len(text), 1.0, {}, 0.5)]
+    sentences = [text[a:b] for a, b in split_sentences(text)]
+    question = "What does error E07 mean?"
+    path = tmp_path / "sentence_vectors.sqlite"
+
+    def rank(store):
+        kept = SentenceVectors(Recorded())  # a new process: nothing kept in memory
+        return rank_sentences(question, hits, lambda texts: kept(texts, store=store, transient=(question,)))
+
+    order = lambda ranked: [(s.hit_index, s.start) for s in ranked]  # noqa: E731
+    first = rank(StoredVectors(path, "minilm", embedder.dimension))
+    assert calls == [[question, *sentences]]
+    again = rank(StoredVectors(path, "minilm", embedder.dimension))
+    assert calls[1:] == [[question]] and order(again) == order(first)
+    stored = StoredVectors(path, "minilm", embedder.dimension)
+    assert stored.count() == len(sentences) and question not in stored.get([question, *sentences])
+    np.testing.assert_allclose(np.stack([stored.get(sentences)[t] for t in sentences]), embedder.embed_batch(sentences), atol=1e-5)
+    stored.close()
+
+    other = StoredVectors(path, "another-embedder", embedder.dimension)  # the collection was reindexed
+    assert other.count() == 0 and other.get(sentences) == {}
+    other.close()
+
+    bad = tmp_path / "bad.sqlite"
+    bad.write_bytes(b"not a database at all" * 100)
+    calls.clear()
+    with pytest.warns(UserWarning, match="bad.sqlite.*Delete the file"):
+        ranked = rank(StoredVectors(bad, "minilm", embedder.dimension))
+    assert order(ranked) == order(first) and calls == [[question, *sentences]]
+    assert bad.read_bytes() == b"not a database at all" * 100  # left as it was for the user to look at
+
+    small = StoredVectors(tmp_path / "small.sqlite", "minilm", embedder.dimension, limit=2)
+    small.put(dict(zip(sentences, embedder.embed_batch(sentences))))
+    assert small.count() == 2 and set(small.get(sentences)) == set(sentences[-2:])
