@@ -20,8 +20,9 @@ Metrics (names fixed by issue 4):
 - ``--only ttft``: ttft_phases_rag (p50 time to first token with the app's defaults, and its phases:
   retrieval, evidence sentences, prompt tokens, engine prefill), grounded_constraint_ms (the constraint
   built with ``get_vocab()`` per request / once per tokenizer) and evidence_ms_per_question (sentences
-  embedded in batches of 32 / 8) and evidence_ms_same_question_again (a question's sentences ranked a
-  second time, embedded again / kept), old and new in the same run;
+  embedded in batches of 32 / 8), evidence_ms_same_question_again (a question's sentences ranked a
+  second time, embedded again / kept) and evidence_ms_new_process (a new process: embedded / read from
+  the collection's sentence vector store), old and new in the same run;
 - http_*: the same generator behind ``ragtune serve``'s server on localhost (streamed chat completions
   read with the standard library), baseline = the generator called in-process, so each ratio is what
   the HTTP layer costs: http_ttft_p50_s (one-token answers), http_decode_tokens_per_s (streamed
@@ -300,17 +301,25 @@ def batching_figures(gen, ws, adapter: str, new_tokens: int) -> None:
 
 def ttft_figures(ws, gen, questions: list[str]) -> None:
     """Where a rag answer's time to first token goes with the app's defaults (grounded decoding, evidence
-    sentences): p50 of each phase over ``questions``; then three parts of it, old way (baseline) against
+    sentences): p50 of each phase over ``questions``; then four parts of it, old way (baseline) against
     ragtune's in the same run: the grounded constraint built with ``get_vocab()`` each request / read once,
-    the evidence sentences embedded in batches of 32 (sentence-transformers' default) / 8, and a question's
-    sentences ranked a second time, embedded again / kept."""
+    the evidence sentences embedded in batches of 32 (sentence-transformers' default) / 8, a question's
+    sentences ranked a second time, embedded again / kept, and in a new process, embedded / read from disk."""
     import functools
 
+    from rag.chunking import split_sentences
     from serving import grounding
     from serving.assistant import Assistant
     from serving.config import ServeConfig
-    from serving.evidence import SentenceVectors, rank_sentences
+    from serving.evidence import SentenceVectors, rank_sentences, stored_vectors
 
+    col = ws.get("corvida")
+    hits = [col.search(q, k=4) for q in questions]
+    # how many of these questions' sentences an earlier process (tune-ranker over the training questions, an
+    # earlier answer) had stored on the collection's disk already: the first answers below read those
+    store = stored_vectors(col)
+    sentences = {h.text[a:b] for found in hits for h in found for a, b in split_sentences(h.text)}
+    stored_share = round(len(store.get(sorted(sentences))) / max(1, len(sentences)), 3)
     assistant = Assistant(ws, gen, ServeConfig())
     assistant.warm_up()
     busy = gen.engine.busy_seconds()
@@ -319,12 +328,11 @@ def ttft_figures(ws, gen, questions: list[str]) -> None:
     phases = {k: round(statistics.median(t.get(k) or 0.0 for t in timings), 4)
               for k in ("retrieval_ms", "evidence_ms", "ttft_s", "prompt_tokens")}
     line("ttft_phases_rag", phases["ttft_s"], "s (p50)", "<= 1.0 (ttft_p50_s_rag)", questions=len(questions), **phases,
+         stored_share=stored_share,
          engine_s={k: round(after[k] - busy[k], 3) for k in ("prefill", "decode_forward", "choose")},
          prefill_tokens=after["prefill_tokens"] - busy["prefill_tokens"])
 
     tokenizer = gen.tokenizer
-    col = ws.get("corvida")
-    hits = [col.search(q, k=4) for q in questions]
     sources = [h.text for h in hits[0]]
 
     def build(cached: bool) -> float:
@@ -365,6 +373,12 @@ def ttft_figures(ws, gen, questions: list[str]) -> None:
         rank_sentences(q, h, kept, skip_questions=True)
     old, new = ms_per_question(batch_8, kept)
     line("evidence_ms_same_question_again", old / new, "x (embedded again / kept vectors)", None, round(old, 1), round(new, 1))
+
+    # a new process (the app after a restart, `ragtune ask`, an A/B run) keeps nothing in memory: the
+    # sentences embedded / read from the collection's store on disk (all stored now: answered above)
+    old, new = ms_per_question(batch_8, lambda texts: SentenceVectors(col.embedder)(texts, store=store, transient=texts[:1]))
+    line("evidence_ms_new_process", old / new, "x (embedded / read from the collection's store)", None, round(old, 1),
+         round(new, 1), stored=store.count())
 
 
 def concurrent_figures(assistant, gen, eight: list, concurrent_tokens: int) -> None:
