@@ -509,3 +509,30 @@ def test_stored_sentence_vectors_serve_a_new_process_and_survive_bad_files(embed
     small = StoredVectors(tmp_path / "small.sqlite", "minilm", embedder.dimension, limit=2)
     small.put(dict(zip(sentences, embedder.embed_batch(sentences))))
     assert small.count() == 2 and set(small.get(sentences)) == set(sentences[-2:])
+
+
+def test_a_store_locked_by_another_writer_skips_the_write_and_keeps_reading(embedder, tmp_path):
+    """Two processes answer from one collection: while one holds the store's write lock, the other's write is
+    skipped within the busy timeout (its answer is not held up or failed), reads go on (WAL), and the next
+    write after the lock is released lands."""
+    import sqlite3
+    import time
+
+    from serving.evidence import StoredVectors
+
+    texts = ["Support is open Saturday 09:00-13:00.", "The warranty lasts seven years.", "Error E07 means low water flow."]
+    vectors = dict(zip(texts, embedder.embed_batch(texts)))
+    path = tmp_path / "sentence_vectors.sqlite"
+    store = StoredVectors(path, "minilm", embedder.dimension)
+    store.put({texts[0]: vectors[texts[0]]})
+    other = sqlite3.connect(path, isolation_level=None)  # another process's writer, mid-transaction
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO vectors (digest, vector) VALUES (x'00', x'00')")
+    started = time.perf_counter()
+    store.put({texts[1]: vectors[texts[1]]})
+    assert time.perf_counter() - started < 5.0
+    assert set(store.get(texts)) == {texts[0]}  # read while the other writes; the skipped one is simply absent
+    other.execute("ROLLBACK")
+    other.close()
+    store.put({texts[2]: vectors[texts[2]]})
+    assert set(store.get(texts)) == {texts[0], texts[2]} and store.count() == 2
