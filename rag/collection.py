@@ -194,10 +194,13 @@ class Collection:
 
     # --- reading ------------------------------------------------------------------------------
     def search(self, query: str, k: int = 5, mode: SearchMode = "hybrid", where: list[str] | dict | None = None,
-               candidates: int = 50, fusion: Literal["convex", "rrf"] = "convex", alpha: float = 0.4) -> list[Hit]:
+               candidates: int = 50, fusion: Literal["convex", "rrf"] = "convex", alpha: float = 0.4,
+               query_vector: Any = None) -> list[Hit]:
         """Top-``k`` chunks for ``query``. Hybrid fuses ``candidates`` from each retriever; ``alpha`` is
         the dense share of a convex fusion (0.4: BM25 is the stronger signal on exact domain terms).
-        ``rrf`` on a store with its own fusion (Milvus: ``hybrid_search`` + ``RRFRanker``) runs there."""
+        ``rrf`` on a store with its own fusion (Milvus: ``hybrid_search`` + ``RRFRanker``) runs there.
+        ``query_vector``: ``query`` already embedded with this collection's embedder (a caller that needs the
+        vector too embeds once), else it is embedded here."""
         if mode not in ("hybrid", "dense", "bm25"):
             raise CollectionError(f"unknown search mode {mode!r}; use hybrid, dense or bm25")
         if not isinstance(query, str) or not query.strip():
@@ -224,7 +227,10 @@ class Collection:
         dense: list[tuple[int, float]] = []
         qvec = None
         if mode in ("dense", "hybrid"):
-            qvec = self.embedder.embed_batch([query])[0]
+            qvec = self.embedder.embed_batch([query])[0] if query_vector is None else np.asarray(query_vector, dtype=np.float32)
+            if qvec.shape != (self.dimension,):
+                raise CollectionError(f"query_vector of shape {qvec.shape}: this collection's embedder gives {self.dimension} "
+                                      f"numbers; pass a vector from {self.config.embedding_model} or none")
             dense = backend.dense(qvec, pool, filters)
         lexical = lexical_job.result() if lexical_job is not None else []
         if mode == "dense":

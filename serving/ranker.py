@@ -177,6 +177,13 @@ def collection_vectors(col, question: str) -> Callable[[list[str]], Any]:
     return lambda texts: kept(texts, store=store, transient=(question,))
 
 
+def search_for_evidence(col, question: str, k: int, mode: str) -> list[Any]:
+    """``col.search(question)`` for a question whose sentences are ranked next: the question is embedded once,
+    through :func:`collection_vectors`, so the ranking finds its vector kept instead of embedding it again."""
+    vector = collection_vectors(col, question)([question])[0] if mode != "bm25" else None
+    return col.search(question, k=k, mode=mode, query_vector=vector)
+
+
 def rank_evidence(col, question: str, hits: Sequence[Any], skip_questions: bool,
                   ranker: str = "auto") -> tuple[list[Sentence], str]:
     """The sentences of ``hits`` best first, as the assistant orders its evidence: the fixed mix
@@ -197,7 +204,7 @@ def _labelled(col, rows: Sequence[dict], k: int, mode: str, echo: Callable[[str]
     started = time.perf_counter()
     usable = [r for r in rows if str(r.get("question", "")).strip() and why_no_span(r) is None]
     for i, row in enumerate(usable, 1):
-        hits = col.search(str(row["question"]), k=k, mode=mode)
+        hits = search_for_evidence(col, str(row["question"]), k, mode)
         ranked = rank_sentences(str(row["question"]), hits, collection_vectors(col, str(row["question"])), skip_questions=True)
         if candidates(ranked):
             out.append((row, ranked, [holds_answer(s.text, str(row["answer"])) for s in candidates(ranked)]))

@@ -189,6 +189,17 @@ def test_evidence_first_sources_are_exact_sentence_windows(serving_home, serving
     held = [h.text[a:b] for h in answer.hits for a, b in split_sentences(h.text)]
     assert store.path == Path(col.folder) / "sentence_vectors.sqlite" and store.path.is_file()
     assert set(store.get(held)) == set(held) and store.get([QUESTIONS[1]]) == {}
+    # the question is embedded once for retrieval and evidence, and retrieves what a plain search does
+    embedded: list[str] = []
+    real = col.embedder.embed_batch
+    question = "Which error code means the water flow is too low?"  # asked by no other test
+    try:
+        col.embedder.embed_batch = lambda texts, **kw: (embedded.extend(texts), real(texts, **kw))[1]
+        asked = assistant.answer(question, "rag", "corvida", log=False)
+    finally:
+        del col.embedder.embed_batch
+    assert embedded.count(question) == 1 and asked.sources
+    assert [h.chunk_id for h in asked.hits] == [h.chunk_id for h in col.search(question, k=assistant.config.k)]
 
 
 def test_sentence_ranking_puts_the_answering_sentence_first(embedder):

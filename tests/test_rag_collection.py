@@ -59,6 +59,13 @@ def test_modes_filters_and_hybrid_fusion(home, small_docs):
     assert col.search("opening hours", k=5, where=["topic=nothing"]) == []
     with pytest.raises(CollectionError):
         col.search("   ")
+    # a caller that has the query's vector already (the evidence step) passes it: the same hits, no second embedding
+    vector = col.embedder.embed_batch(["Lumo controller price"])[0]
+    for mode in ("dense", "hybrid"):
+        given = col.search("Lumo controller price", k=3, mode=mode, query_vector=vector)
+        assert [(h.chunk_id, h.score) for h in given] == [(h.chunk_id, h.score) for h in col.search("Lumo controller price", k=3, mode=mode)]
+    with pytest.raises(CollectionError, match="query_vector of shape \\(5,\\).*384 numbers"):
+        col.search("Lumo controller price", k=3, query_vector=[0.1] * 5)
 
 
 def test_bad_files_are_reported_and_the_rest_indexed(home, small_docs):
