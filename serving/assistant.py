@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 from serving.config import MODES, WHOLE_CHUNKS, ServeConfig, ServingError, check_reading
+from serving.evidence import search_keeping_query
 from serving.generation import GenerationParams, TokenStream
 from serving.modes import uses_adapter, uses_retrieval
 from serving.prompts import (STOP_STRINGS, Turn, build_messages, cited_numbers, claim_and_quote, dont_know,
@@ -404,12 +405,7 @@ class Assistant:
         answer.collection_version = col.version()
         answer.retrieval_query = retrieval_query(answer.question, turns)
         t0 = time.perf_counter()
-        if (cfg.evidence_sentences or cfg.abstain_threshold > 0) and answer.retrieval_query == answer.question:
-            from serving.ranker import search_for_evidence  # its sentences are ranked next: one embedding of it
-
-            hits = search_for_evidence(col, answer.question, k or cfg.k, cfg.search_mode)
-        else:
-            hits = col.search(answer.retrieval_query, k=k or cfg.k, mode=cfg.search_mode)
+        hits = search_keeping_query(col, answer.retrieval_query, k or cfg.k, cfg.search_mode)
         answer.timings["retrieval_ms"] = round((time.perf_counter() - t0) * 1000, 2)
         answer.hits = hits
         sims = [h.similarity for h in hits if h.similarity is not None]

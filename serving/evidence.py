@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from core import db
 from rag.chunking import split_sentences
 from rag.search import Hit
 
@@ -54,6 +55,11 @@ SENTENCE_BATCH = 8  # misses embedded in batches of 8, not sentence-transformers
 SENTENCE_CACHE = 20_000  # vectors kept per embedder (~30 MB for MiniLM's 384 floats)
 STORED_SENTENCES = 200_000  # vectors a collection keeps on disk (~330 MB for MiniLM), oldest dropped first
 STORE_FILE = "sentence_vectors.sqlite"
+STORE_BUSY_MS = 500  # a write that finds another process writing waits this long, then is skipped
+# the store's schema, as core.db's append-only migrations (namespace "sentence_vectors")
+_STORE_MIGRATIONS = [("vectors", lambda conn: db.run_script(conn, """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE vectors (digest BLOB NOT NULL UNIQUE, vector BLOB NOT NULL)"""))]
 
 
 class SentenceVectors:
@@ -115,14 +121,12 @@ class StoredVectors:
         if self._conn is None and not self._broken:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                conn = sqlite3.connect(self.path, timeout=0.5, check_same_thread=False, isolation_level=None)
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-                conn.execute("CREATE TABLE IF NOT EXISTS vectors (digest BLOB NOT NULL UNIQUE, vector BLOB NOT NULL)")
-                meta = dict(conn.execute("SELECT key, value FROM meta"))
+                conn = db.connect(self.path)
+                conn.execute(f"PRAGMA busy_timeout = {STORE_BUSY_MS}")  # a cache: never hold an answer up for long
+                db.migrate(conn, _STORE_MIGRATIONS, "sentence_vectors")
+                meta = {row["key"]: row["value"] for row in conn.execute("SELECT key, value FROM meta")}
                 if meta != {"model": self.model, "dimension": str(self.dimension)}:  # new, or another embedder
-                    with conn:
-                        conn.execute("BEGIN IMMEDIATE")
+                    with db.transaction(conn):
                         conn.execute("DELETE FROM vectors")
                         conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
                                          [("model", self.model), ("dimension", str(self.dimension))])
@@ -151,10 +155,11 @@ class StoredVectors:
             if conn is None:
                 return {}
             by_digest = {self._digest(t): t for t in texts}
+            digests = list(by_digest)
             found: dict[str, Any] = {}
             try:
-                for start in range(0, len(by_digest), 500):
-                    keys = list(by_digest)[start:start + 500]
+                for start in range(0, len(digests), 500):
+                    keys = digests[start:start + 500]
                     rows = conn.execute(f"SELECT digest, vector FROM vectors WHERE digest IN ({','.join('?' * len(keys))})", keys)
                     for digest, blob in rows:
                         if len(blob) == 4 * self.dimension:  # a row of another length is ignored (and re-embedded)
@@ -174,8 +179,7 @@ class StoredVectors:
                 return
             rows = [(self._digest(t), np.asarray(v, dtype=np.float32).tobytes()) for t, v in vectors.items()]
             try:
-                with conn:
-                    conn.execute("BEGIN IMMEDIATE")
+                with db.transaction(conn):
                     conn.executemany("INSERT OR IGNORE INTO vectors (digest, vector) VALUES (?, ?)", rows)
                     self._writes += 1
                     if self._writes % 50 == 1:  # the bound, checked now and then (a count is a scan)
@@ -213,6 +217,14 @@ def sentence_vectors(embedder: Any) -> SentenceVectors:
         return cached
 
 
+def search_keeping_query(col, query: str, k: int, mode: str) -> list[Any]:
+    """``col.search(query)`` with the query embedded through the embedder's :class:`SentenceVectors` (kept in
+    memory, never stored), so the evidence step that next ranks sentences against the same text finds its
+    vector instead of embedding it a second time."""
+    vector = sentence_vectors(col.embedder)([query])[0] if mode != "bm25" else None
+    return col.search(query, k=k, mode=mode, query_vector=vector)
+
+
 _stores: dict[str, StoredVectors] = {}
 
 
@@ -221,7 +233,9 @@ def stored_vectors(col) -> StoredVectors:
     path = str(Path(col.folder) / STORE_FILE)
     with _sentence_lock:
         store = _stores.get(path)
-        if store is None or store.model != col.config.embedding_model:
+        if store is None or store.model != col.config.embedding_model:  # a reused folder, another embedder
+            if store is not None:
+                store.close()
             store = _stores[path] = StoredVectors(path, col.config.embedding_model, col.embedder.dimension)
         return store
 
@@ -345,4 +359,4 @@ def evidence_sources(hits: Sequence[Any], ranked: Sequence[Sentence], n: int, wi
     return out
 
 
-__all__ = ["Sentence", "SentenceVectors", "sentence_vectors", "StoredVectors", "stored_vectors", "split_sentences", "is_question", "rank_sentences", "support_score", "evidence_sources"]
+__all__ = ["Sentence", "SentenceVectors", "sentence_vectors", "StoredVectors", "stored_vectors", "search_keeping_query", "split_sentences", "is_question", "rank_sentences", "support_score", "evidence_sources"]

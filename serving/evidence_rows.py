@@ -50,7 +50,8 @@ def build_evidence_rows(col, questions: Sequence[dict], sentences: Sequence[int]
                         count: Callable[[str], int], truncate: Callable[[str, int], str],
                         echo: Callable[[str], None] = print) -> tuple[list[dict], EvidenceReport]:
     """Rows for every question and every N in ``sentences`` whose evidence holds the answer."""
-    from serving.ranker import rank_evidence, search_for_evidence, why_no_span
+    from serving.evidence import search_keeping_query
+    from serving.ranker import rank_evidence, why_no_span
     from tuning.raft import holds_answer
 
     if not sentences or any(not 1 <= n <= 40 for n in sentences):
@@ -68,7 +69,7 @@ def build_evidence_rows(col, questions: Sequence[dict], sentences: Sequence[int]
             else:
                 report.skipped_unanswerable += 1
             continue
-        hits = search_for_evidence(col, question, config.k, config.search_mode)
+        hits = search_keeping_query(col, question, config.k, config.search_mode)
         ranked, report.ranker = rank_evidence(col, question, hits, config.evidence_skip_questions, config.evidence_ranker)
         for n in sentences:
             shown = evidence_sources(hits, ranked, n, config.evidence_window_tokens, count)

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from serving.config import ServingError
-from serving.evidence import Sentence, _minmax, rank_sentences, sentence_vectors, stored_vectors
+from serving.evidence import Sentence, _minmax, rank_sentences, search_keeping_query, sentence_vectors, stored_vectors
 
 FILE = "evidence_ranker.json"
 FEATURES = ("mix", "cosine", "bm25", "coverage", "chunk_1", "chunk_2", "chunk_3", "chunk_4+", "has_number",
@@ -177,13 +177,6 @@ def collection_vectors(col, question: str) -> Callable[[list[str]], Any]:
     return lambda texts: kept(texts, store=store, transient=(question,))
 
 
-def search_for_evidence(col, question: str, k: int, mode: str) -> list[Any]:
-    """``col.search(question)`` for a question whose sentences are ranked next: the question is embedded once,
-    through :func:`collection_vectors`, so the ranking finds its vector kept instead of embedding it again."""
-    vector = collection_vectors(col, question)([question])[0] if mode != "bm25" else None
-    return col.search(question, k=k, mode=mode, query_vector=vector)
-
-
 def rank_evidence(col, question: str, hits: Sequence[Any], skip_questions: bool,
                   ranker: str = "auto") -> tuple[list[Sentence], str]:
     """The sentences of ``hits`` best first, as the assistant orders its evidence: the fixed mix
@@ -204,8 +197,8 @@ def _labelled(col, rows: Sequence[dict], k: int, mode: str, echo: Callable[[str]
     started = time.perf_counter()
     usable = [r for r in rows if str(r.get("question", "")).strip() and why_no_span(r) is None]
     for i, row in enumerate(usable, 1):
-        hits = search_for_evidence(col, str(row["question"]), k, mode)
-        ranked = rank_sentences(str(row["question"]), hits, collection_vectors(col, str(row["question"])), skip_questions=True)
+        hits = search_keeping_query(col, str(row["question"]), k, mode)
+        ranked, _ = rank_evidence(col, str(row["question"]), hits, skip_questions=True, ranker="fixed")
         if candidates(ranked):
             out.append((row, ranked, [holds_answer(s.text, str(row["answer"])) for s in candidates(ranked)]))
         if i % 50 == 0 or i == len(usable):
